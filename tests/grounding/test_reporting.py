@@ -1,0 +1,145 @@
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from grounding.aggregation import AggregateKind, aggregate, summarize_runs
+from grounding.metrics import score_pair
+from grounding.reporting import (
+    MISSING_CELL,
+    PAPER_TABLE_METRICS,
+    THRESHOLD_FREE_TABLE_METRICS,
+    pair_record,
+    write_finding_tables,
+    write_pair_csv,
+)
+from grounding.tokens import TokenSelection, TokenStrategy
+
+
+def _scored_records(shift: float = 0.0) -> list[dict[str, object]]:
+    gt_mask = np.zeros((8, 8), bool)
+    gt_mask[:4, :4] = True
+    selection = TokenSelection(TokenStrategy.LEXICAL, (1, 3), ("small", "effusion"), "function-word-filter")
+    records = []
+    for index, (finding, offset) in enumerate([("Edema", 0.0), ("Edema", 1.0), ("Atelectasis", 2.0)]):
+        activation_map = np.linspace(0.0, 1.0, 64).reshape(8, 8)[::-1].copy()
+        activation_map[index, index] += offset + shift
+        mask = activation_map > 0.5 if finding == "Edema" else np.zeros((8, 8), bool)
+        scores = score_pair(activation_map, gt_mask, mask)
+        records.append(pair_record(f"p{index}", finding, "small, effusion", selection, scores, image_id=f"img{index}"))
+    return records
+
+
+def test_pair_record_flattens() -> None:
+    record = _scored_records()[0]
+
+    assert record["pair_id"] == "p0"
+    assert record["token_positions"] == [1, 3]
+    assert record["tagger"] == "function-word-filter"
+    assert record["image_id"] == "img0"
+    assert "zero_all/miou" in record
+    assert "keep_threshold_free/auc_roc" in record
+
+
+def test_pair_csv_round_trip(tmp_path: Path) -> None:
+    records = _scored_records()
+    records[1]["keep_threshold_free/auc_roc"] = float("nan")
+
+    path = write_pair_csv(records, tmp_path / "nested" / "pairs.csv")
+    frame = pd.read_csv(path)
+
+    assert list(frame.columns[:7]) == [
+        "pair_id", "image_id", "finding", "phrase", "token_strategy", "token_positions", "token_words",
+    ]  # fmt: skip
+    assert len(frame) == 3
+    assert json.loads(frame.loc[0, "token_words"]) == ["small", "effusion"]
+    assert frame.loc[0, "phrase"] == "small, effusion"
+    assert math.isnan(frame.loc[1, "keep_threshold_free/auc_roc"])
+    assert frame.loc[2, "zero_all/miou"] == 0.0
+
+
+def test_pair_csv_rejects_empty(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="No per-pair records"):
+        write_pair_csv([], tmp_path / "pairs.csv")
+
+
+def test_finding_tables_two_methods(tmp_path: Path) -> None:
+    records = _scored_records()
+    plain = aggregate(records)
+    merged = aggregate(_scored_records(shift=0.5))
+
+    paths = write_finding_tables({"LDM": plain, "+BBM": merged}, tmp_path / "tables", THRESHOLD_FREE_TABLE_METRICS)
+
+    markdown = paths.markdown.read_text(encoding="utf-8").splitlines()
+    assert markdown[0] == (
+        "| Finding | LDM mIoU | LDM CNR | LDM Top-1 | LDM AUC-ROC"
+        " | +BBM mIoU | +BBM CNR | +BBM Top-1 | +BBM AUC-ROC |"
+    )
+    assert [line.split(" | ")[0] for line in markdown[2:]] == [
+        "| Atelectasis", "| Edema", *(f"| {kind.label}" for kind in AggregateKind),
+    ]  # fmt: skip
+    edema_miou = plain.findings["Edema"].means["keep_threshold_free/miou"]
+    assert markdown[3].split(" | ")[1] == f"{edema_miou:.2f}"
+
+    table = pd.read_csv(paths.csv)
+    weighted = table[table["row"] == AggregateKind.WEIGHTED.label].iloc[0]
+    assert weighted["LDM/mIoU"] == pytest.approx(plain.overall[AggregateKind.WEIGHTED]["keep_threshold_free/miou"])
+
+    document = json.loads(paths.json.read_text(encoding="utf-8"))
+    assert document["methods"]["LDM"]["n_pairs"] == {"Atelectasis": 1, "Edema": 2}
+    assert document["rows"][0] == "Atelectasis"
+
+
+def test_finding_tables_paper_columns_zeroed(tmp_path: Path) -> None:
+    result = aggregate(_scored_records())
+
+    paths = write_finding_tables({"LDM": result}, tmp_path)
+
+    markdown = paths.markdown.read_text(encoding="utf-8").splitlines()
+    assert markdown[0] == "| Finding | LDM mIoU | LDM CNR (signed) |"
+    # The only Atelectasis pair has an empty mask, so the zero_all columns read 0.
+    assert markdown[2] == "| Atelectasis | 0.00 | 0.00 |"
+    assert list(PAPER_TABLE_METRICS) == ["zero_all/miou", "zero_all/cnr_signed"]
+
+
+def test_finding_tables_seed_summary(tmp_path: Path) -> None:
+    runs = [aggregate(_scored_records(shift=shift)) for shift in (0.0, 0.2, 0.4)]
+    summary = summarize_runs(runs)
+
+    paths = write_finding_tables({"LDM": summary}, tmp_path, {"keep_threshold_free/cnr": "CNR"}, digits=2)
+
+    edema = summary.rows["Edema"]["keep_threshold_free/cnr"]
+    markdown = paths.markdown.read_text(encoding="utf-8")
+    assert f"| Edema | {edema.format(2)} |" in markdown
+    assert "±" in edema.format(2)
+    table = pd.read_csv(paths.csv)
+    assert "LDM/CNR std" in table.columns
+    document = json.loads(paths.json.read_text(encoding="utf-8"))
+    assert document["methods"]["LDM"]["n_runs"] == 3
+    assert document["methods"]["LDM"]["values"]["Edema"]["keep_threshold_free/cnr"]["n_runs"] == 3
+
+
+def test_finding_tables_missing_and_nan(tmp_path: Path) -> None:
+    result = aggregate([{"pair_id": "p", "finding": "Edema", "cnr": float("nan")}])
+
+    paths = write_finding_tables({"LDM": result}, tmp_path, {"cnr": "CNR", "miou": "mIoU"})
+
+    markdown = paths.markdown.read_text(encoding="utf-8").splitlines()
+    assert markdown[2] == f"| Edema | {MISSING_CELL} | {MISSING_CELL} |"
+    document = json.loads(paths.json.read_text(encoding="utf-8"))
+    assert document["methods"]["LDM"]["values"]["Edema"] == {"cnr": None, "miou": None}
+    assert document["methods"]["LDM"]["nan_counts"] == {"cnr": 1}
+
+
+def test_finding_tables_bad_output(tmp_path: Path) -> None:
+    result = aggregate([{"pair_id": "p", "finding": "Edema", "miou": 0.5}])
+    existing_file = tmp_path / "report.txt"
+    existing_file.write_text("not a folder", encoding="utf-8")
+
+    with pytest.raises(ValueError, match="existing file"):
+        write_finding_tables({"LDM": result}, existing_file)
+    with pytest.raises(ValueError, match="at least one method"):
+        write_finding_tables({}, tmp_path)
