@@ -1,8 +1,10 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from grounding.masks import (
     MapFlag,
@@ -13,6 +15,9 @@ from grounding.masks import (
     upsample_map,
     upsample_mask,
 )
+from grounding.metrics import score_pair
+
+REAL_CXR_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real-cxr"
 
 
 def _block_map(low: float = 0.1, high: float = 0.9) -> np.ndarray:
@@ -214,3 +219,29 @@ def test_upsample_mask_half_rounds_to_background() -> None:
 def test_upsample_rejects_bad_size(size: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="size"):
         upsample_map(np.zeros((4, 4)), size)
+
+
+def test_gmm_on_real_radiograph() -> None:
+    paths = sorted(REAL_CXR_DIR.glob("*.png"))[:3]
+    if not paths:
+        pytest.skip(f"No real radiographs (PNG) found in {REAL_CXR_DIR}.")
+    gt_mask = np.zeros((512, 512), bool)
+    gt_mask[150:350, 60:240] = True
+
+    for path in paths:
+        # The radiograph's intensities stand in for an activation map with a realistic histogram.
+        with Image.open(path) as image:
+            activation_map = np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BILINEAR), np.float64)
+        normalized = min_max_normalize(activation_map)
+        result = gmm_mask(normalized.values, seed=0)
+        scores = score_pair(
+            upsample_map(normalized.values, (512, 512)), gt_mask, upsample_mask(result.mask, (512, 512))
+        ).keep_threshold_free
+
+        assert result.flag is MapFlag.OK, path.name
+        assert 0.0 < result.threshold < 1.0, path.name
+        assert np.all(normalized.values[result.mask] > result.threshold), path.name
+        assert 0.0 < result.mask.mean() < 1.0, path.name
+        assert 0.0 <= scores.miou <= 1.0, path.name
+        assert 0.0 <= scores.auc_roc <= 1.0, path.name
+        assert math.isfinite(scores.cnr), path.name

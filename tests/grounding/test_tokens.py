@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import BertTokenizerFast, CLIPTokenizerFast, PreTrainedTokenizerFast
 
 from grounding.tokens import (
     END_LABEL,
@@ -52,9 +52,9 @@ def bert_tokenizer() -> BertTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def clip_tokenizer() -> PreTrainedTokenizerFast:
-    """A CLIP-style BPE tokenizer over characters: `</w>` word ends, BOS and EOS, EOS as padding."""
-    vocabulary: dict[str, int] = {}
+def clip_tokenizer() -> CLIPTokenizerFast:
+    """A `CLIPTokenizerFast` (byte-level BPE, `</w>` word ends, EOS as padding) with a tiny vocabulary."""
+    vocabulary: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for character in "abcdefghijklmnopqrstuvwxyz0123456789.,;-":
         vocabulary[character] = len(vocabulary)
         vocabulary[character + "</w>"] = len(vocabulary)
@@ -62,29 +62,7 @@ def clip_tokenizer() -> PreTrainedTokenizerFast:
     merges += [("effus", "i"), ("effusi", "o"), ("effusio", "n</w>")]
     for left, right in merges:
         vocabulary[left + right] = len(vocabulary)
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocabulary[special] = len(vocabulary)
-
-    tokenizer = Tokenizer(
-        models.BPE(vocab=vocabulary, merges=merges, end_of_word_suffix="</w>", unk_token="<|endoftext|>")
-    )
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[a-z]+|[0-9]|[^\sa-z0-9]+"), behavior="removed", invert=True)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[
-            ("<|startoftext|>", vocabulary["<|startoftext|>"]),
-            ("<|endoftext|>", vocabulary["<|endoftext|>"]),
-        ],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-
+    return CLIPTokenizerFast(vocab=vocabulary, merges=merges)
 
 
 def _encode(tokenizer: PreTrainedTokenizerFast, phrase: str, max_length: int = 77) -> tuple[list, list]:
@@ -230,7 +208,7 @@ def test_truncation_inside_word(bert_tokenizer: BertTokenizerFast) -> None:
     assert lexical.untokenized_words == ()
 
 
-def test_clip_bpe_alignment(clip_tokenizer: PreTrainedTokenizerFast) -> None:
+def test_clip_bpe_alignment(clip_tokenizer: CLIPTokenizerFast) -> None:
     phrase = "Left pleural-effusion 3.5cm"
 
     lexical = _select(clip_tokenizer, phrase, "lexical")
@@ -239,8 +217,24 @@ def test_clip_bpe_alignment(clip_tokenizer: PreTrainedTokenizerFast) -> None:
 
     assert lexical.words == ("Left", "pleural-effusion")
     assert _tokens_at(clip_tokenizer, phrase, lexical.positions) == ["left</w>", "p"]
+    assert "<|endoftext|>" not in _tokens_at(clip_tokenizer, phrase, all_words.positions)
     assert _tokens_at(clip_tokenizer, phrase, end.positions) == ["<|endoftext|>"]
     assert all_words.positions == tuple(range(1, end.positions[0]))
+
+
+def test_clip_truncation_end_is_eos(clip_tokenizer: CLIPTokenizerFast) -> None:
+    phrase = "left effusion 3.5cm"
+    offsets, attention_mask = _encode(clip_tokenizer, phrase, max_length=5)
+
+    end = select_tokens(phrase, offsets, attention_mask, "end")
+    lexical = select_tokens(phrase, offsets, attention_mask, "lexical", load_tagger=False)
+
+    input_ids = clip_tokenizer(phrase, max_length=5, padding="max_length", truncation=True)["input_ids"]
+    assert end.positions == (4,)
+    assert clip_tokenizer.convert_ids_to_tokens(input_ids[4]) == "<|endoftext|>"
+    # "3.5cm" lost its last tokens, and the number filter drops it anyway.
+    assert lexical.words == ("left", "effusion")
+    assert lexical.untokenized_words == ()
 
 
 def test_tensor_inputs_accepted(bert_tokenizer: BertTokenizerFast) -> None:
