@@ -23,7 +23,7 @@ from grounding.aggregation import (
     AggregateResult,
     MeanStd,
     RunSummary,
-    format_mean_std,
+    aggregate,
 )
 from grounding.metrics import PairScores
 from grounding.tokens import TokenSelection
@@ -247,3 +247,41 @@ def write_finding_tables(
 
     logger.info("Wrote per-finding tables of %d methods to %s.", len(methods), output_dir)
     return TablePaths(csv_path, json_path, markdown_path)
+
+
+def write_method_tables(
+    records: Sequence[Mapping[str, Any]],
+    output_dir: str | Path,
+    method_key: str = "method",
+    metrics: Mapping[str, str] | None = None,
+    stem: str = "findings",
+    digits: int = 2,
+) -> TablePaths:
+    """Group per-pair records by method, aggregate each group and write the per-finding tables.
+
+    Args:
+        records: Per-pair records of one run; each names its method under `method_key`, so
+            one pair may appear once per method.
+        output_dir: Folder to write into; it is created.
+        method_key: Record key of the method name (e.g. "no BBM", "BBM bezier").
+        metrics: Metric key to column label; defaults to `PAPER_TABLE_METRICS`.
+        stem: File name without suffix.
+        digits: Decimals in the Markdown table.
+
+    Returns:
+        The paths of `write_finding_tables`, with methods in first-seen order.
+
+    Raises:
+        KeyError: If a record has no `method_key`.
+        ValueError: As `aggregate` and `write_finding_tables`.
+    """
+    metrics = dict(metrics) if metrics is not None else dict(PAPER_TABLE_METRICS)
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        if method_key not in record:
+            raise KeyError(f"Record of pair {record.get(ID_KEY)!r} has no {method_key!r} naming its method.")
+        grouped.setdefault(str(record[method_key]), []).append(record)
+
+    # Only the table's metrics are aggregated, so string and list columns never reach `aggregate`.
+    methods = {name: aggregate(rows, list(metrics)) for name, rows in grouped.items()}
+    return write_finding_tables(methods, output_dir, metrics, stem, digits)

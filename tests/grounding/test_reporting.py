@@ -14,6 +14,7 @@ from grounding.reporting import (
     THRESHOLD_FREE_TABLE_METRICS,
     pair_record,
     write_finding_tables,
+    write_method_tables,
     write_pair_csv,
 )
 from grounding.tokens import TokenSelection, TokenStrategy
@@ -143,3 +144,20 @@ def test_finding_tables_bad_output(tmp_path: Path) -> None:
         write_finding_tables({"LDM": result}, existing_file)
     with pytest.raises(ValueError, match="at least one method"):
         write_finding_tables({}, tmp_path)
+
+
+def test_method_tables_group_records(tmp_path: Path) -> None:
+    records = [{**record, "method": "no BBM"} for record in _scored_records()]
+    records += [{**record, "method": "BBM"} for record in _scored_records(shift=0.5)]
+
+    paths = write_method_tables(records, tmp_path)
+
+    markdown = paths.markdown.read_text(encoding="utf-8").splitlines()
+    assert markdown[0] == "| Finding | no BBM mIoU | no BBM CNR (signed) | BBM mIoU | BBM CNR (signed) |"
+    expected = aggregate([record for record in records if record["method"] == "BBM"], list(PAPER_TABLE_METRICS))
+    document = json.loads(paths.json.read_text(encoding="utf-8"))
+    assert document["methods"]["BBM"]["values"]["Edema"]["zero_all/miou"] == pytest.approx(
+        expected.findings["Edema"].means["zero_all/miou"]
+    )
+    with pytest.raises(KeyError, match="'method'"):
+        write_method_tables(_scored_records(), tmp_path)
