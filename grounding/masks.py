@@ -42,6 +42,8 @@ class OrphanFilter(str, Enum):
     pixels that are surrounded by foreground.
     """
 
+    # NOTE: the description of Generate to Ground's orphan removal fits both rules, so which
+    # one its reference code applies is uncertain. `remove` is the default.
     REMOVE = "remove"
     MAJORITY = "majority"
     NONE = "none"

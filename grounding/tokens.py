@@ -135,6 +135,8 @@ def load_scispacy_tagger() -> SpacyTagger | None:
         logger.info("spaCy is not installed; lexical token selection uses the function-word filter.")
         return None
 
+    # NOTE: the tests run this path with a stand-in pipeline only. How closely the function-word
+    # filter agrees with en_core_sci_scibert's tags has not been measured.
     for model_name in SCISPACY_MODELS:
         try:
             nlp = spacy.load(model_name)
