@@ -1,0 +1,159 @@
+"""Tests of CXRDataModule on small official-format fixtures: path checks, batches and failure counts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.datamodule import CXRDataModule, collate_training
+
+
+def make_datamodule(mimic_root, tmp_path: Path, **overrides) -> CXRDataModule:
+    arguments = {
+        "mimic_cxr_jpg_root": str(mimic_root.root),
+        "ms_cxr_csv": str(mimic_root.ms_cxr_csv),
+        "image_size": 32,
+        "train_batch_size": 2,
+        "eval_batch_size": 2,
+        "num_workers": 0,
+        "pin_memory": False,
+        "work_dir": str(tmp_path / "work"),
+    }
+    arguments.update(overrides)
+    return CXRDataModule(**arguments)
+
+
+def test_missing_root_names_key(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"absent.*data\.init_args\.mimic_cxr_jpg_root.*PhysioNet"):
+        CXRDataModule(mimic_cxr_jpg_root=str(tmp_path / "absent"), ms_cxr_csv=None)
+
+
+def test_missing_ms_cxr_names_key(mimic_root, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.init_args\.ms_cxr_csv"):
+        make_datamodule(mimic_root, tmp_path, ms_cxr_csv=str(tmp_path / "absent.csv"))
+
+
+def test_chestxray14_needs_paths(mimic_root, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="chestxray14_csv is not set"):
+        make_datamodule(mimic_root, tmp_path, grounding_source="chestxray14")
+
+
+def test_invalid_arguments_rejected(mimic_root, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="multiple of 8"):
+        make_datamodule(mimic_root, tmp_path, image_size=30)
+    with pytest.raises(ValueError, match="train_batch_size must be positive"):
+        make_datamodule(mimic_root, tmp_path, train_batch_size=0)
+    with pytest.raises(ValueError, match="vae_name_or_path"):
+        make_datamodule(mimic_root, tmp_path, use_latent_cache=True)
+
+
+def test_training_batches_follow_contract(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("fit")
+
+    batches = list(datamodule.train_dataloader())
+
+    assert len(datamodule.train_dataset) == 4
+    assert datamodule.train_stats.excluded_by_leakage_guard == 2
+    assert len(batches) == 2
+    for batch in batches:
+        batch = datamodule.on_before_batch_transfer(batch, 0)
+        assert set(batch) == {"pixel_values", "captions"}
+        assert batch["pixel_values"].shape == (2, 3, 32, 32)
+        assert batch["pixel_values"].dtype == torch.float32
+        assert batch["pixel_values"].min() >= -1.0
+        assert batch["pixel_values"].max() <= 1.0
+        assert len(batch["captions"]) == 2
+
+
+def test_pair_list_built_once(mimic_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_datamodule(mimic_root, tmp_path).prepare_data()
+    assert len(list((tmp_path / "work").glob("train_pairs_*.csv"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the pair list was built again")
+
+    monkeypatch.setattr("datamodules.datamodule.build_mimic_pairs", fail)
+    datamodule = make_datamodule(mimic_root, tmp_path)
+    datamodule.setup("fit")
+    assert len(datamodule.train_dataset) == 4
+
+
+def test_pair_list_key_follows_settings(mimic_root, tmp_path: Path) -> None:
+    make_datamodule(mimic_root, tmp_path).prepare_data()
+    make_datamodule(mimic_root, tmp_path, leakage_guard=False).prepare_data()
+
+    assert len(list((tmp_path / "work").glob("train_pairs_*.csv"))) == 2
+
+
+def test_guard_off_keeps_ms_cxr_subjects(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path, leakage_guard=False)
+    datamodule.setup("fit")
+
+    assert len(datamodule.train_dataset) == 6
+    assert datamodule.train_stats.excluded_by_leakage_guard == 0
+
+
+def test_grounding_test_batches(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path)
+    datamodule.setup("test")
+
+    batch = next(iter(datamodule.test_dataloader()))
+    batch = datamodule.on_before_batch_transfer(batch, 0)
+
+    assert set(batch) == {"pixel_values", "phrases", "findings", "pair_ids", "gt_masks", "boxes"}
+    assert batch["phrases"] == ["right lower lobe pneumonia"]
+    assert batch["findings"] == ["Pneumonia"]
+    assert batch["gt_masks"].shape == (1, 32, 32)
+    assert batch["gt_masks"].any()
+
+
+def test_failed_images_counted(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path, train_batch_size=4)
+    datamodule.setup("fit")
+    broken = Path(datamodule.train_dataset.image_paths[1])
+    broken.write_bytes(broken.read_bytes()[:40])
+
+    batches = [datamodule.on_before_batch_transfer(batch, 0) for batch in datamodule.train_dataloader()]
+
+    assert [batch["pixel_values"].shape[0] for batch in batches] == [3]
+    assert [len(batch["captions"]) for batch in batches] == [3]
+    assert sum(datamodule.failed_samples.values()) == 1
+    assert datamodule.failed_examples[0][0] == str(broken)
+    assert datamodule.state_dict() == {"failed_samples": dict(datamodule.failed_samples)}
+
+
+def test_setup_after_state_restore(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path)
+    datamodule.load_state_dict({"failed_samples": {"file not found": 3}})
+
+    assert datamodule.failed_samples["file not found"] == 3
+
+
+def test_max_subsets(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path, max_train_pairs=2, leakage_guard=False)
+    datamodule.setup("fit")
+    again = make_datamodule(mimic_root, tmp_path, max_train_pairs=2, leakage_guard=False)
+    again.setup("fit")
+
+    assert len(datamodule.train_dataset) == 2
+    assert datamodule.train_dataset.image_paths == again.train_dataset.image_paths
+
+
+def test_user_csv_training(mimic_root, tmp_path: Path) -> None:
+    csv_path = tmp_path / "user.csv"
+    csv_path.write_text("path,caption\nfiles/p10/p10000001/s50000001/d1.jpg,a|b\nfiles/p11/p11000006/s50000006/d7.jpg,c\n")
+    datamodule = make_datamodule(mimic_root, tmp_path, train_csv=str(csv_path))
+    datamodule.setup("fit")
+
+    assert len(datamodule.train_dataset) == 1
+    assert datamodule.train_stats.excluded_by_leakage_guard == 1
+
+
+def test_collate_training_empty_batch() -> None:
+    batch = collate_training([{"failed": ("x.jpg", "file not found")}], image_size=16)
+
+    assert batch["pixel_values"].shape == (0, 3, 16, 16)
+    assert batch["captions"] == []
