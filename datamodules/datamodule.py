@@ -1,9 +1,9 @@
 """`CXRDataModule`: training pairs, grounding validation and test, and the phantom demo.
 
 Batch layouts follow the data contracts of ``docs/architecture.md``. Each batch also carries
-``failed_samples``, the images of the batch that failed to decode in lenient mode; the
-`on_before_batch_transfer` hook removes that key, counts the failures and logs them, so the
-model never sees it. Under DDP, Lightning's distributed sampler may repeat a few grounding
+``failed_samples``, the images of the batch that failed to decode in lenient mode. The
+`on_before_batch_transfer` hook removes that key, counts the failures and logs them before
+the batch reaches the model. Under DDP, Lightning's distributed sampler may repeat a few grounding
 pairs to even out the ranks; consumers deduplicate by ``pair_id``.
 """
 
@@ -86,6 +86,15 @@ def collate_training(samples: list[dict], image_size: int = 0) -> dict:
     return batch
 
 
+def _choice(enum: type[Enum], value: str, key: str) -> Any:
+    """Convert a config string to an Enum member, or raise naming the key and the allowed values."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum)
+        raise ValueError(f"data.init_args.{key} must be one of {allowed}; got {value!r}.") from None
+
+
 def _subset(items: list, max_items: int | None, seed: int) -> list:
     """Take a seeded random subset of at most `max_items`, in the original order."""
     if max_items is None or len(items) <= max_items:
@@ -162,7 +171,7 @@ class CXRDataModule(L.LightningDataModule):
         train_csv: str | None = None,
         train_csv_path_column: str = "path",
         train_csv_caption_column: str = "caption",
-        grounding_source: GroundingSource = GroundingSource.MS_CXR,
+        grounding_source: str = GroundingSource.MS_CXR.value,
         chestxray14_csv: str | None = None,
         chestxray14_images_dir: str | None = None,
         chestxray14_phrase_template: str = "{finding}",
@@ -183,11 +192,11 @@ class CXRDataModule(L.LightningDataModule):
         use_latent_cache: bool = False,
         vae_name_or_path: str | None = None,
         latent_cache_dir: str | None = None,
-        latent_dtype: LatentDtype = LatentDtype.FLOAT16,
+        latent_dtype: str = LatentDtype.FLOAT16.value,
         verify_latent_cache: bool = True,
         cache_batch_size: int = 16,
         work_dir: str = "runs/data",
-        decode_mode: DecodeMode = DecodeMode.LENIENT,
+        decode_mode: str = DecodeMode.LENIENT.value,
         fast_jpeg: bool = True,
         check_image_files: bool = True,
         max_train_pairs: int | None = None,
@@ -210,9 +219,11 @@ class CXRDataModule(L.LightningDataModule):
         if use_latent_cache and not vae_name_or_path:
             raise ValueError("use_latent_cache=true needs data.init_args.vae_name_or_path (a diffusers model folder, a VAE folder or a hub id).")
 
-        self.grounding_source = GroundingSource(grounding_source)
-        self.decode_mode = DecodeMode(decode_mode)
-        self.latent_dtype = LatentDtype(latent_dtype)
+        # Plain strings in the signature, because LightningCLI parses an Enum by member name
+        # (FLOAT16) while configs use the values (float16).
+        self.grounding_source = _choice(GroundingSource, grounding_source, "grounding_source")
+        self.decode_mode = _choice(DecodeMode, decode_mode, "decode_mode")
+        self.latent_dtype = _choice(LatentDtype, latent_dtype, "latent_dtype")
 
         if demo:
             root = Path(demo_root)
@@ -267,12 +278,12 @@ class CXRDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the phantoms (demo), build and cache the pair list, and build the latent cache."""
         if self.hparams.demo:
-            self._write_demo()
-        self._train_pair_list()
+            self.write_demo_data()
+        self.train_pair_list()
         if self.hparams.use_latent_cache:
             self.build_latent_cache()
 
-    def _write_demo(self) -> None:
+    def write_demo_data(self) -> None:
         """Write the phantom data set under `demo_root` unless an identical one is there."""
         from datamodules.phantoms import PhantomConfig, write_phantom_dataset
 
@@ -299,7 +310,7 @@ class CXRDataModule(L.LightningDataModule):
         logger.info("Leakage guard: %d MS-CXR subjects are left out of training.", len(subjects))
         return subjects
 
-    def _pair_list_path(self) -> Path:
+    def pair_list_path(self) -> Path:
         """Return the pair list CSV path, keyed by every setting and source file it depends on."""
         hp = self.hparams
         sources = [self.train_csv] if self.train_csv else [self.image_root / SPLIT_FILE]
@@ -319,9 +330,9 @@ class CXRDataModule(L.LightningDataModule):
         }
         return self.work_dir / f"train_pairs_{settings_digest(settings)}.csv"
 
-    def _train_pair_list(self) -> tuple[Any, PairBuildStats]:
+    def train_pair_list(self) -> tuple[Any, PairBuildStats]:
         """Load the cached training pair list or build and cache it."""
-        path = self._pair_list_path()
+        path = self.pair_list_path()
         cached = load_pair_list(path)
         if cached is not None:
             logger.info("Using the cached training pair list %s (%d pairs).", path, len(cached[0]))
@@ -388,7 +399,7 @@ class CXRDataModule(L.LightningDataModule):
 
     def build_latent_cache(self) -> None:
         """Encode every training image once with the frozen VAE (or reuse the valid store)."""
-        pairs, _ = self._train_pair_list()
+        pairs, _ = self.train_pair_list()
         image_paths = list(pairs["image_path"])
         vae = self._load_vae()
         if torch.cuda.is_available():
@@ -403,7 +414,7 @@ class CXRDataModule(L.LightningDataModule):
             verify_checksums=self.hparams.verify_latent_cache,
         )
         (self.work_dir / "latent_cache_key.txt").parent.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "latent_cache_key.txt").write_text(f"{self._pair_list_path().name} {cache.directory}\n")
+        (self.work_dir / "latent_cache_key.txt").write_text(f"{self.pair_list_path().name} {cache.directory}\n")
         logger.info("Latent cache: %s", asdict(report))
 
     # ------------------------------------------------------------------ per-process state
@@ -419,7 +430,7 @@ class CXRDataModule(L.LightningDataModule):
 
     def _setup_training(self) -> None:
         """Build the training dataset from the pair list, and from the latent store when it is on."""
-        pairs, stats = self._train_pair_list()
+        pairs, stats = self.train_pair_list()
         self.train_stats = stats
         image_paths = list(pairs["image_path"])
         captions = list(pairs["caption"])
@@ -444,7 +455,7 @@ class CXRDataModule(L.LightningDataModule):
     def _find_latent_store(self, image_paths: list[str]) -> LatentCache:
         """Find the store built in `prepare_data` without loading the VAE again on every rank."""
         record = self.work_dir / "latent_cache_key.txt"
-        expected_pairs = self._pair_list_path().name
+        expected_pairs = self.pair_list_path().name
         if record.is_file():
             pair_name, directory = record.read_text().split(maxsplit=1)
             directory = Path(directory.strip())

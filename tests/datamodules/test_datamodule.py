@@ -157,3 +157,50 @@ def test_collate_training_empty_batch() -> None:
 
     assert batch["pixel_values"].shape == (0, 3, 16, 16)
     assert batch["captions"] == []
+
+
+def test_demo_phantoms_through_readers(tmp_path: Path) -> None:
+    datamodule = CXRDataModule(
+        demo=True,
+        demo_root=str(tmp_path / "phantoms"),
+        demo_options={"num_train": 12, "num_validate": 4, "num_test": 4},
+        image_size=32,
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        pin_memory=False,
+        work_dir=str(tmp_path / "work"),
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+
+    train_batch = datamodule.on_before_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    val_batch = datamodule.on_before_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
+
+    assert train_batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert 0 < len(datamodule.train_dataset) <= 12
+    assert val_batch["gt_masks"].shape[1:] == (32, 32)
+    assert all(mask.any() for mask in val_batch["gt_masks"])
+    assert len(datamodule.grounding["val"].pairs) > 0
+    assert len(datamodule.grounding["test"].pairs) > 0
+    assert datamodule.grounding["val"].skipped_rows == {}
+    assert sum(datamodule.failed_samples.values()) == 0
+
+
+def test_cli_parses_signature() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(CXRDataModule, "data")
+    config = parser.parse_args(["--data.views=[PA]", "--data.latent_dtype=bfloat16", "--data.decode_mode=strict", "--data.demo_options={num_train: 3}"])
+
+    assert tuple(config.data.views) == ("PA",)
+    assert config.data.latent_dtype == "bfloat16"
+    assert config.data.decode_mode == "strict"
+    assert config.data.demo_options == {"num_train": 3}
+
+
+def test_invalid_choice_names_key(mimic_root, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data\.init_args\.decode_mode must be one of strict, lenient; got 'loose'"):
+        make_datamodule(mimic_root, tmp_path, decode_mode="loose")
