@@ -25,10 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import Enum, unique
 from typing import Any
 
+import pandas as pd
 from omegaconf import OmegaConf
 
 from datamodules.datamodule import CXRDataModule
 from datamodules.image_io import ImageDecodeError, read_grayscale
+from datamodules.mimic_cxr import CHEXPERT_FILE
 from datamodules.ms_cxr import GroundingReadResult
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,22 @@ def summarize_grounding(result: GroundingReadResult | None) -> dict[str, Any] | 
     }
 
 
+def count_chexpert_positives(datamodule: CXRDataModule, pairs: pd.DataFrame) -> dict[str, int] | None:
+    """Count the training studies with a positive (1.0) CheXpert label, per label.
+
+    Returns None when ``mimic-cxr-2.0.0-chexpert.csv.gz`` is not next to the split CSV.
+    """
+    path = datamodule.image_root / CHEXPERT_FILE
+    if datamodule.train_csv is not None or not path.is_file():
+        return None
+
+    labels = pd.read_csv(path, dtype=str, keep_default_na=False)
+    studies = set(zip(pairs["subject_id"], pairs["study_id"]))
+    kept = labels[[key in studies for key in zip(labels["subject_id"], labels["study_id"])]]
+    columns = [name for name in labels.columns if name not in ("subject_id", "study_id")]
+    return {name: int((pd.to_numeric(kept[name], errors="coerce") == 1.0).sum()) for name in columns}
+
+
 def check_images(paths: list[str], workers: int) -> dict[str, Any]:
     """Decode every image and count the unreadable ones per reason."""
     reasons: Counter = Counter()
@@ -142,6 +160,7 @@ def run_check(datamodule: CXRDataModule, decode: DecodeScope, max_train_images: 
             "leakage_guard": stats.leakage_guard,
             "excluded_by_leakage_guard": stats.excluded_by_leakage_guard,
             "excluded_subjects": stats.excluded_subjects,
+            "chexpert_positive_studies": count_chexpert_positives(datamodule, pairs),
         },
         "grounding": {
             "source": datamodule.grounding_source.value,

@@ -249,6 +249,11 @@ class CXRDataModule(L.LightningDataModule):
         self.failed_samples: Counter = Counter()
         self.failed_examples: list[tuple[str, str]] = []
 
+    @property
+    def train_batch_size(self) -> int:
+        """Training batch size per device."""
+        return self.hparams.train_batch_size
+
     def _check_paths(self) -> None:
         """Raise early when a configured file or folder is missing, naming the config key."""
         required: list[tuple[Path | None, str, str]] = []

@@ -32,8 +32,7 @@ MS_CXR_FINDINGS = (
     "Pneumothorax",
 )
 
-# Pairs per finding in MS-CXR release 0.1 (MS_CXR_Local_Alignment_v1.0.0.csv), 1,162 in total,
-# as published with the data set on PhysioNet.
+# Pairs per finding in MS-CXR release 0.1 (MS_CXR_Local_Alignment_v1.0.0.csv), 1,162 in total.
 MS_CXR_V1_0_0_PAIR_COUNTS = {
     "Atelectasis": 61,
     "Cardiomegaly": 333,

@@ -50,6 +50,26 @@ def test_summary_counts(mimic_root, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert summary["data"]["init_args"]["work_dir"] == str(tmp_path / "run" / "data")
 
 
+def test_chexpert_positives_counted(mimic_root, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import csv
+    import gzip
+
+    with gzip.open(mimic_root.root / "mimic-cxr-2.0.0-chexpert.csv.gz", "wt", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject_id", "study_id", "Edema", "Pleural Effusion"])
+        writer.writerow(["10000001", "50000001", "1.0", "0.0"])
+        writer.writerow(["10000002", "50000002", "-1.0", "1.0"])
+        writer.writerow(["11000006", "50000006", "1.0", "1.0"])
+    config = write_config(tmp_path, mimic_root)
+
+    assert main(["--config", str(config), "--decode", "none"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+
+    # Subject 11000006 is left out by the leakage guard, so its labels do not count.
+    assert summary["training"]["chexpert_positive_studies"] == {"Edema": 1, "Pleural Effusion": 1}
+    assert summary["images"]["checked"] == 0
+
+
 def test_override_and_unreadable_images(mimic_root, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = write_config(tmp_path, mimic_root)
     broken = next(mimic_root.root.glob("files/p10/p10000001/s50000001/d1.jpg"))
