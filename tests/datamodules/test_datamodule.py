@@ -204,3 +204,64 @@ def test_cli_parses_signature() -> None:
 def test_invalid_choice_names_key(mimic_root, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data\.init_args\.decode_mode must be one of strict, lenient; got 'loose'"):
         make_datamodule(mimic_root, tmp_path, decode_mode="loose")
+
+
+class BatchRecorder:
+    """Builds a minimal LightningModule that records the batches it receives."""
+
+    @staticmethod
+    def build():
+        import lightning as L
+
+        class Recorder(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(1))
+                self.train_batches: list[dict] = []
+                self.val_batches: list[dict] = []
+
+            def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+                self.train_batches.append(batch)
+                return self.weight.sum() * 0.0 + self.weight.square().sum()
+
+            def validation_step(self, batch: dict, batch_idx: int) -> None:
+                self.val_batches.append(batch)
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Recorder()
+
+
+def test_trainer_with_workers_drops_failed(mimic_root, tmp_path: Path) -> None:
+    import lightning as L
+
+    # The fixture's only MS-CXR pair is in the test split, so validation reads that split.
+    datamodule = make_datamodule(
+        mimic_root, tmp_path, num_workers=1, persistent_workers=False, leakage_guard=False, train_batch_size=3, val_splits=("test",)
+    )
+    datamodule.setup("fit")
+    Path(datamodule.train_dataset.image_paths[0]).write_bytes(b"corrupt")
+    model = BatchRecorder.build()
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+
+    trainer.fit(model, datamodule=datamodule)
+
+    assert len(model.train_batches) == 2
+    assert all("failed_samples" not in batch for batch in model.train_batches)
+    assert sum(len(batch["captions"]) for batch in model.train_batches) == 5
+    assert sum(datamodule.failed_samples.values()) == 1
+    assert len(model.val_batches) == 1
+    assert len(model.val_batches[0]["pair_ids"]) == 1
+    assert "failed_samples" not in model.val_batches[0]
