@@ -7,6 +7,7 @@ the batch reaches the model. Under DDP, Lightning's distributed sampler may repe
 pairs to even out the ranks; consumers deduplicate by ``pair_id``.
 """
 
+import csv
 import json
 import logging
 import random
@@ -302,13 +303,22 @@ class CXRDataModule(L.LightningDataModule):
         if not self.ms_cxr_csv.is_file():
             raise FileNotFoundError(f"Data path not found: {self.ms_cxr_csv} (set by data.init_args.ms_cxr_csv). {MS_CXR_HINT}")
 
-        import pandas as pd
+        # Read with the csv module, so that a malformed row cannot hide the others.
+        with self.ms_cxr_csv.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = [name.strip() for name in (reader.fieldnames or [])]
+            if "dicom_id" not in columns or "path" not in columns:
+                raise ValueError(
+                    f"MS-CXR file {self.ms_cxr_csv} lacks the dicom_id or path column (found {columns}), "
+                    "so the leakage guard cannot find its subjects. Use the official CSV unchanged."
+                )
+            reader.fieldnames = columns
+            rows = [(row.get("dicom_id") or "", row.get("path") or "") for row in reader]
 
-        rows = pd.read_csv(self.ms_cxr_csv, dtype=str, keep_default_na=False)
-        subjects = {subject for subject in map(subject_from_path, rows.get("path", [])) if subject}
+        subjects = {subject for subject in (subject_from_path(path) for _, path in rows) if subject}
 
         # Rows whose path has no p<subject>/s<study> are resolved through the split CSV.
-        unresolved = {dicom for dicom, path in zip(rows.get("dicom_id", []), rows.get("path", [])) if not subject_from_path(path)}
+        unresolved = {dicom.strip() for dicom, path in rows if not subject_from_path(path)}
         if unresolved and (self.image_root / SPLIT_FILE).is_file():
             split_frame = read_official_csv(self.image_root / SPLIT_FILE, "mimic_cxr_jpg_root")
             subjects |= set(split_frame.loc[split_frame["dicom_id"].isin(unresolved), "subject_id"])

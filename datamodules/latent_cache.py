@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import random
 import shutil
 import zlib
 from collections.abc import Callable, Iterator
@@ -448,7 +447,7 @@ class LatentCaptionDataset(Dataset):
         self.dtype = LatentDtype(dtype)
         self.indices = np.asarray(indices)
         self.captions = captions
-        self.rng = random.Random() if random_caption else None
+        self.random_caption = random_caption
         self._mean: np.ndarray | None = None
         self._logvar: np.ndarray | None = None
 
@@ -470,5 +469,5 @@ class LatentCaptionDataset(Dataset):
         return {
             "latent_mean": _from_storage(self._mean[index], self.dtype),
             "latent_logvar": _from_storage(self._logvar[index], self.dtype),
-            "caption": choose_caption(self.captions[index], self.rng),
+            "caption": choose_caption(self.captions[index], self.random_caption),
         }

@@ -9,13 +9,13 @@ The reports archive of MIMIC-CXR uses the same tree with one ``s<study_id>.txt``
 import hashlib
 import json
 import logging
-import random
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from torch.utils.data import Dataset
 
 from datamodules.image_io import DecodeMode, ImageDecodeError, decode_radiograph
@@ -345,10 +345,17 @@ def load_pair_list(path: Path) -> tuple[pd.DataFrame, PairBuildStats] | None:
     return pairs, stats
 
 
-def choose_caption(entry: str, rng: random.Random | None) -> str:
-    """Pick one of several ``|``-separated captions: a random one with `rng`, else the first."""
+def choose_caption(entry: str, random_choice: bool) -> str:
+    """Pick one of several ``|``-separated captions: a random one, or the first.
+
+    The random draw uses torch's global generator, which the DataLoader seeds differently in
+    each worker and each epoch (and Lightning's ``seed_everything(workers=True)`` makes
+    reproducible), so workers do not repeat each other's choices.
+    """
     options = [part for part in entry.split(CAPTION_SEPARATOR) if part.strip()] or [""]
-    return rng.choice(options) if rng is not None else options[0]
+    if not random_choice or len(options) == 1:
+        return options[0]
+    return options[int(torch.randint(len(options), (1,)).item())]
 
 
 class CaptionImageDataset(Dataset):
@@ -381,7 +388,7 @@ class CaptionImageDataset(Dataset):
         self.captions = captions
         self.image_size = image_size
         self.decode_mode = DecodeMode(decode_mode)
-        self.rng = random.Random() if random_caption else None
+        self.random_caption = random_caption
         self.fast_jpeg = fast_jpeg
 
     def __len__(self) -> int:
@@ -404,5 +411,5 @@ class CaptionImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.load_image(index)
         if "failed" not in sample:
-            sample["caption"] = choose_caption(self.captions[index], self.rng)
+            sample["caption"] = choose_caption(self.captions[index], self.random_caption)
         return sample

@@ -265,3 +265,25 @@ def test_trainer_with_workers_drops_failed(mimic_root, tmp_path: Path) -> None:
     assert len(model.val_batches) == 1
     assert len(model.val_batches[0]["pair_ids"]) == 1
     assert "failed_samples" not in model.val_batches[0]
+
+
+def test_guard_resolves_dicom_without_subject_path(mimic_root, tmp_path: Path) -> None:
+    # A path without p<subject>/s<study> is resolved through the split CSV's dicom_id. The
+    # malformed d1 row still names its image, so its subject is left out too (the safe side).
+    csv_path = tmp_path / "ms_cxr_flat.csv"
+    header = "dicom_id,category_name,label_text,path,x,y,w,h,image_width,image_height,split\n"
+    csv_path.write_text(header + "d8,Edema,mild edema,d8.dcm,1,1,5,5,80,48,test\n" + "d1,Edema,too,many,fields,1,1,5,5,80,48,test,extra\n")
+    datamodule = make_datamodule(mimic_root, tmp_path, ms_cxr_csv=str(csv_path))
+    datamodule.setup("fit")
+
+    assert datamodule.train_stats.excluded_subjects == 2
+    assert datamodule.train_stats.excluded_by_leakage_guard == 3
+
+
+def test_guard_needs_ms_cxr_columns(mimic_root, tmp_path: Path) -> None:
+    csv_path = tmp_path / "ms_cxr_bad.csv"
+    csv_path.write_text("image,label\nd7,Edema\n")
+    datamodule = make_datamodule(mimic_root, tmp_path, ms_cxr_csv=str(csv_path))
+
+    with pytest.raises(ValueError, match="lacks the dicom_id or path column"):
+        datamodule.prepare_data()
