@@ -412,8 +412,24 @@ class CXRDataModule(L.LightningDataModule):
         )
         return LatentCache(self.latent_cache_dir, key, len(image_paths), latent_shape(vae, self.hparams.image_size))
 
+    def _store_record(self) -> dict[str, Any]:
+        """Return the settings that select a latent store, besides the VAE weights."""
+        hp = self.hparams
+        return {
+            "pair_list": self.pair_list_path().name,
+            "vae_name_or_path": hp.vae_name_or_path,
+            "image_size": hp.image_size,
+            "fast_jpeg": hp.fast_jpeg,
+            "dtype": self.latent_dtype.value,
+        }
+
     def build_latent_cache(self) -> None:
-        """Encode every training image once with the frozen VAE (or reuse the valid store)."""
+        """Encode every training image once with the frozen VAE (or reuse the valid store).
+
+        Lightning calls `prepare_data` on one process per node while the other ranks wait, and
+        the store's file lock makes a second node wait for the first, so each store is written
+        once.
+        """
         pairs, _ = self.train_pair_list()
         image_paths = list(pairs["image_path"])
         vae = self._load_vae()
@@ -428,8 +444,9 @@ class CXRDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             verify_checksums=self.hparams.verify_latent_cache,
         )
-        (self.work_dir / "latent_cache_key.txt").parent.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "latent_cache_key.txt").write_text(f"{self.pair_list_path().name} {cache.directory}\n")
+        record = {**self._store_record(), "directory": str(cache.directory.absolute())}
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "latent_cache_record.json").write_text(json.dumps(record, indent=2))
         logger.info("Latent cache: %s", asdict(report))
 
     # ------------------------------------------------------------------ per-process state
@@ -469,19 +486,22 @@ class CXRDataModule(L.LightningDataModule):
 
     def _find_latent_store(self, image_paths: list[str]) -> LatentCache:
         """Find the store built in `prepare_data` without loading the VAE again on every rank."""
-        record = self.work_dir / "latent_cache_key.txt"
-        expected_pairs = self.pair_list_path().name
-        if record.is_file():
-            pair_name, directory = record.read_text().split(maxsplit=1)
-            directory = Path(directory.strip())
-            meta_path = directory / "meta.json"
-            if pair_name == expected_pairs and meta_path.is_file():
-                meta = json.loads(meta_path.read_text())
-                key = LatentCacheKey(**{**meta["key"], "dtype": LatentDtype(meta["key"]["dtype"])})
-                if key.image_list_digest == image_list_digest(image_paths) and key.digest() == directory.name:
-                    return LatentCache(directory.parent, key, meta["num_images"], tuple(meta["shape"]))
+        # NOTE: a VAE whose weights changed in place under the same path is caught by the key
+        # check in prepare_data, not here, because this lookup does not load the VAE.
+        record_path = self.work_dir / "latent_cache_record.json"
+        try:
+            record = json.loads(record_path.read_text())
+            directory = Path(record.pop("directory"))
+            meta = json.loads((directory / "meta.json").read_text())
+        except (OSError, ValueError, KeyError):
+            record, meta = None, None
 
-        # No record of this pair list: load the VAE to compute the key (slower, but exact).
+        if record == self._store_record() and meta is not None:
+            key = LatentCacheKey(**{**meta["key"], "dtype": LatentDtype(meta["key"]["dtype"])})
+            if key.image_list_digest == image_list_digest(image_paths) and key.digest() == directory.name:
+                return LatentCache(directory.parent, key, meta["num_images"], tuple(meta["shape"]))
+
+        # No matching record: load the VAE to compute the key (slower, but exact).
         return self._latent_cache(self._load_vae(), image_paths)
 
     def read_grounding(self, stage: str) -> GroundingReadResult | None:

@@ -141,11 +141,19 @@ def is_flagged(boxes: list[Box], width: int, height: int, image_size: int) -> bo
 
 
 def map_ms_cxr_path(path: str, image_root: Path) -> Path:
-    """Map the ``path`` column (a DICOM path relative to MIMIC-CXR) to the JPEG under `image_root`."""
-    relative = Path(path.strip().lstrip("/"))
-    if relative.suffix.lower() == ".dcm":
-        relative = relative.with_suffix(".jpg")
-    return image_root / relative
+    """Map the ``path`` column (a DICOM path relative to MIMIC-CXR) to the JPEG under `image_root`.
+
+    Any prefix before ``files/`` (such as ``mimic-cxr-jpg/2.0.0/``) is dropped, because the
+    JPEG tree under `image_root` starts at ``files/``.
+    """
+    relative = path.strip().replace("\\", "/").lstrip("/")
+    marker = relative.find("files/")
+    if marker > 0:
+        relative = relative[marker:]
+    mapped = Path(relative)
+    if mapped.suffix.lower() == ".dcm":
+        mapped = mapped.with_suffix(".jpg")
+    return image_root / mapped
 
 
 def read_ms_cxr(

@@ -13,6 +13,7 @@ from datamodules.datamodule import CXRDataModule
 from datamodules.image_io import DecodeMode, ImageDecodeError
 from datamodules.latent_cache import (
     LatentCache,
+    LatentCacheError,
     LatentCacheKey,
     LatentCaptionDataset,
     LatentDtype,
@@ -284,3 +285,23 @@ def test_datamodule_missing_vae_path(mimic_root, tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="vae_name_or_path"):
         datamodule.prepare_data()
+
+
+def test_datamodule_never_uses_stale_store(mimic_root, tmp_path: Path) -> None:
+    vae_dir = tmp_path / "vae"
+    tiny_vae().save_pretrained(vae_dir)
+    arguments = {
+        "mimic_cxr_jpg_root": str(mimic_root.root),
+        "ms_cxr_csv": str(mimic_root.ms_cxr_csv),
+        "image_size": IMAGE_SIZE,
+        "num_workers": 0,
+        "work_dir": str(tmp_path / "work"),
+        "use_latent_cache": True,
+        "vae_name_or_path": str(vae_dir),
+    }
+    CXRDataModule(**arguments).prepare_data()
+
+    # Another storage dtype without prepare_data: the float16 store must not be used.
+    stale = CXRDataModule(**{**arguments, "latent_dtype": "bfloat16"})
+    with pytest.raises(LatentCacheError, match="run it again"):
+        stale.setup("fit")

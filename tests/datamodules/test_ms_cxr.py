@@ -106,6 +106,8 @@ def test_dicom_path_maps_to_jpeg(tmp_path: Path) -> None:
     mapped = map_ms_cxr_path("files/p10/p10000032/s50414267/abc.dcm", tmp_path)
 
     assert mapped == tmp_path / "files/p10/p10000032/s50414267/abc.jpg"
+    assert map_ms_cxr_path("/mimic-cxr-jpg/2.0.0/files/p10/p1/s2/abc.DCM", tmp_path) == tmp_path / "files/p10/p1/s2/abc.jpg"
+    assert map_ms_cxr_path("files/p10/p1/s2/abc.jpg", tmp_path) == tmp_path / "files/p10/p1/s2/abc.jpg"
 
 
 def test_dataset_masks_and_boxes(ms_cxr_fixture) -> None:
