@@ -4,8 +4,9 @@
     python train.py fit --config configs/cxrbert.yaml --trainer.max_steps=20
     python train.py validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
 
-Configs are parsed by LightningCLI in omegaconf mode, so they may use ``${...}`` interpolation,
-and every option can be overridden on the command line.
+Configs are parsed by LightningCLI in omegaconf mode (``omegaconf+``: interpolations resolve after
+the command-line overrides are applied), so they may use ``${...}``, and every option can be
+overridden on the command line.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
 
 from callbacks.wandb_setup import configure_wandb_logger
 from lightning_modules.latent_diffusion import LatentDiffusionModule
@@ -21,6 +24,30 @@ from lightning_modules.latent_diffusion import LatentDiffusionModule
 log = logging.getLogger("train")
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def gradient_accumulation_steps(effective_batch_size: int, per_device_batch_size: int, devices: int, num_nodes: int) -> int:
+    """Derive the accumulation steps that keep ``effective_batch_size`` for the given scale-out.
+
+    Used in configs as ``${accumulation:256,${data.init_args.train_batch_size},${trainer.devices},${trainer.num_nodes}}``.
+
+    Raises:
+        ValueError: when the effective batch is not a multiple of the per-step batch.
+    """
+    per_step = int(per_device_batch_size) * int(devices) * int(num_nodes)
+    if per_step <= 0 or int(effective_batch_size) % per_step != 0:
+        raise ValueError(
+            f"The effective batch size {effective_batch_size} is not a multiple of train_batch_size "
+            f"{per_device_batch_size} x devices {devices} x num_nodes {num_nodes} = {per_step}; "
+            "change one of them or set trainer.accumulate_grad_batches directly."
+        )
+    return int(effective_batch_size) // per_step
+
+
+OmegaConf.register_resolver("accumulation", gradient_accumulation_steps, replace=True)
+# Configs write absolute keys (``${trainer.default_root_dir}``); under a subcommand the parsed
+# config is nested below ``fit``/``validate``/``test``, so the keys are made relative on load.
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
 class GroundingCLI(LightningCLI):
@@ -49,10 +76,15 @@ def default_to_fit(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI on ``argv`` (the process arguments by default)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    arguments = default_to_fit(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        # LightningCLI reads sys.argv itself; only the default subcommand is added.
+        sys.argv[1:] = default_to_fit(sys.argv[1:])
+        arguments = None
+    else:
+        arguments = default_to_fit(argv)
     GroundingCLI(
         LatentDiffusionModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=arguments,
     )

@@ -39,6 +39,8 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         missing = sorted(set(parameters) ^ set(ema_parameters))[:5]
         raise ValueError(f"The EMA model and the trained model differ in parameters, for example {missing}.")
 
+    if not parameters:
+        return
     ema_tensors = [ema_parameters[name] for name in parameters]
     trained_tensors = [parameters[name].detach().to(ema_parameters[name].dtype) for name in parameters]
     torch._foreach_lerp_(ema_tensors, trained_tensors, 1.0 - decay)

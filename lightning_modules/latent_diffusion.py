@@ -53,11 +53,15 @@ class LatentDiffusionModule(L.LightningModule):
             ``unet_config`` (demo and tests).
         unet_config: ``UNet2DConditionModel`` keyword arguments for a randomly initialised U-Net.
         unet_seed: seed of that random initialisation.
+        unet_name_or_path: a fine-tuned U-Net in diffusers format (a directory or hub id) that
+            replaces the base model's, for evaluating published weights without a checkpoint.
+        unet_subfolder: the U-Net's folder inside ``unet_name_or_path`` (``""`` for a bare U-Net).
         latent: ``vae`` encodes images with the frozen VAE; ``identity`` uses the ``[-1, 1]`` image
             itself as the latent (the demo, which has no trained VAE).
         scheduler_config: ``DDPMScheduler`` keyword arguments when no pretrained directory is given.
         text_encoder_name_or_path: a hub id or local directory of the frozen text encoder.
-        text_encoder_type: ``cxr_bert``, ``clip`` or ``auto`` (any transformers AutoModel).
+        text_encoder_type: ``cxr_bert``, ``clip``, ``auto`` (any transformers AutoModel) or
+            ``tiny_bert`` (the demo's random BERT, built in ``text_encoder_name_or_path`` when missing).
         text_encoder_revision: the hub revision of the text encoder.
         trust_remote_code: run the encoder checkpoint's own model code (explicit opt-in).
         max_length: token positions per caption.
@@ -86,10 +90,12 @@ class LatentDiffusionModule(L.LightningModule):
         pretrained_model_name_or_path: str | None = None,
         unet_config: dict[str, Any] | None = None,
         unet_seed: int = 0,
+        unet_name_or_path: str | None = None,
+        unet_subfolder: str = "unet",
         latent: Literal["vae", "identity"] = "vae",
         scheduler_config: dict[str, Any] | None = None,
         text_encoder_name_or_path: str = CXR_BERT_HUB_ID,
-        text_encoder_type: Literal["cxr_bert", "clip", "auto"] = "cxr_bert",
+        text_encoder_type: Literal["cxr_bert", "clip", "auto", "tiny_bert"] = "cxr_bert",
         text_encoder_revision: str | None = CXR_BERT_REVISION,
         trust_remote_code: bool = False,
         max_length: int = DEFAULT_MAX_LENGTH,
@@ -110,7 +116,10 @@ class LatentDiffusionModule(L.LightningModule):
         self._check_options()
 
         # Diffusion parts.
-        self.unet = load_unet(pretrained_model_name_or_path, unet_config, seed=unet_seed)
+        if unet_name_or_path:
+            self.unet = load_unet(unet_name_or_path, subfolder=unet_subfolder, option="model.unet_name_or_path")
+        else:
+            self.unet = load_unet(pretrained_model_name_or_path, unet_config, seed=unet_seed)
         if latent == "vae":
             if not pretrained_model_name_or_path:
                 raise ValueError("latent='vae' needs model.pretrained_model_name_or_path; use latent='identity' without a VAE.")

@@ -58,6 +58,7 @@ def load_unet(
     unet_config: dict[str, Any] | None = None,
     subfolder: str = "unet",
     seed: int = 0,
+    option: str = "model.pretrained_model_name_or_path",
 ) -> UNet2DConditionModel:
     """Load the U-Net from a diffusers directory or hub id, or build it from a config.
 
@@ -67,17 +68,18 @@ def load_unet(
         unet_config: keyword arguments of ``UNet2DConditionModel`` for a randomly initialised one.
         subfolder: the U-Net's folder inside the pipeline directory.
         seed: the seed of the random initialisation of a U-Net built from ``unet_config``.
+        option: the config key named in error messages.
 
     Raises:
         ValueError: when neither source is given.
         MissingWeightsError: when the directory or hub id cannot be loaded.
     """
     if pretrained_model_name_or_path:
-        _check_path(pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+        _check_path(pretrained_model_name_or_path, option)
         try:
-            return UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder)
+            return UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder or None)
         except (OSError, ValueError) as error:
-            raise _describe_missing(pretrained_model_name_or_path, subfolder, "model.pretrained_model_name_or_path", error) from error
+            raise _describe_missing(pretrained_model_name_or_path, subfolder, option, error) from error
     if unet_config is None:
         raise ValueError("Set model.pretrained_model_name_or_path or model.unet_config to build the U-Net.")
 

@@ -40,6 +40,7 @@ class TextEncoderType(str, Enum):
     CXR_BERT = "cxr_bert"
     CLIP = "clip"
     AUTO = "auto"
+    TINY_BERT = "tiny_bert"
 
 
 @dataclass
@@ -213,8 +214,8 @@ def load_text_encoder(
         name_or_path: a hub id or a local directory. For ``clip`` this may be a Stable Diffusion
             directory in diffusers layout (``text_encoder/`` and ``tokenizer/``).
         encoder_type: ``cxr_bert`` (the inner BERT of CXR-BERT), ``clip`` (SD 1.5's CLIP text
-            encoder) or ``auto`` (any transformers ``AutoModel`` with a fast tokenizer, the
-            tiny demo BERT included).
+            encoder), ``auto`` (any transformers ``AutoModel`` with a fast tokenizer) or
+            ``tiny_bert`` (the demo's random BERT, built in ``name_or_path`` when missing).
         revision: the hub revision; required with ``trust_remote_code`` for a hub id.
         trust_remote_code: run the checkpoint's own model code (explicit opt-in).
         max_length: token positions per text.
@@ -231,6 +232,13 @@ def load_text_encoder(
     except ValueError as error:
         allowed = ", ".join(member.value for member in TextEncoderType)
         raise ValueError(f"Unknown text encoder type {encoder_type!r}; expected one of {allowed}.") from error
+
+    if encoder_type is TextEncoderType.TINY_BERT:
+        from lightning_modules.components.tiny_bert import build_tiny_bert
+
+        # Built once from a fixed seed and vocabulary, then loaded like any saved model.
+        build_tiny_bert(name_or_path)
+        encoder_type = TextEncoderType.AUTO
 
     _check_local_directory(name_or_path)
     if trust_remote_code:

@@ -1,0 +1,83 @@
+"""Overlay images of grounding results: image, heat map, true boxes and mask outline."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+from skimage.segmentation import find_boundaries
+
+# Anchor colours of a blue-cyan-yellow-red heat map, evenly spaced over [0, 1].
+_HEAT_ANCHORS = np.array(
+    [[0, 0, 128], [0, 80, 255], [0, 220, 255], [255, 230, 0], [255, 80, 0], [160, 0, 0]], dtype=np.float64
+)
+BOX_COLOUR = (255, 255, 255)
+MASK_COLOUR = (0, 255, 0)
+
+
+def colourize(activation_map: np.ndarray) -> np.ndarray:
+    """Map ``[H, W]`` values in ``[0, 1]`` to ``[H, W, 3]`` uint8 heat-map colours (low blue, high red)."""
+    values = np.clip(np.nan_to_num(activation_map, nan=0.0), 0.0, 1.0) * (len(_HEAT_ANCHORS) - 1)
+    lower = np.floor(values).astype(int).clip(0, len(_HEAT_ANCHORS) - 2)
+    fraction = (values - lower)[..., None]
+    colours = _HEAT_ANCHORS[lower] * (1 - fraction) + _HEAT_ANCHORS[lower + 1] * fraction
+    return colours.round().astype(np.uint8)
+
+
+def to_gray_rgb(pixel_values: np.ndarray) -> np.ndarray:
+    """Turn a ``[3, H, W]`` or ``[H, W]`` image in ``[-1, 1]`` into ``[H, W, 3]`` uint8 gray."""
+    image = pixel_values.mean(axis=0) if pixel_values.ndim == 3 else pixel_values
+    gray = ((np.clip(image, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def render_overlay(
+    pixel_values: np.ndarray,
+    activation_map: np.ndarray,
+    mask: np.ndarray | None,
+    boxes: list[tuple[float, float, float, float]],
+    alpha: float = 0.45,
+    min_side: int = 256,
+) -> Image.Image:
+    """Render the image beside the heat map blended over it, with boxes and the mask outline.
+
+    Args:
+        pixel_values: ``[3, H, W]`` image in ``[-1, 1]``.
+        activation_map: ``[H, W]`` map in ``[0, 1]``.
+        mask: ``[H, W]`` binary mask whose outline is drawn in green, or ``None``.
+        boxes: true boxes ``(x, y, w, h)`` in pixels of the ``H x W`` image, drawn in white.
+        alpha: opacity of the heat map.
+        min_side: small images are enlarged by an integer factor to at least this height.
+
+    Returns:
+        An RGB image of size ``2kW x kH`` with ``k = max(1, ceil(min_side / H))``.
+    """
+    gray = to_gray_rgb(pixel_values)
+    heat = colourize(activation_map)
+    blended = (gray * (1 - alpha) + heat * alpha).round().astype(np.uint8)
+    if mask is not None and mask.any():
+        blended[find_boundaries(mask.astype(bool), mode="inner")] = MASK_COLOUR
+
+    panels = [Image.fromarray(gray), Image.fromarray(blended)]
+    for panel in panels:
+        draw = ImageDraw.Draw(panel)
+        for x, y, w, h in boxes:
+            draw.rectangle([x, y, x + w - 1, y + h - 1], outline=BOX_COLOUR, width=max(1, gray.shape[0] // 128))
+
+    canvas = Image.new("RGB", (2 * gray.shape[1], gray.shape[0]))
+    canvas.paste(panels[0], (0, 0))
+    canvas.paste(panels[1], (gray.shape[1], 0))
+    factor = max(1, -(-min_side // gray.shape[0]))
+    if factor > 1:
+        canvas = canvas.resize((canvas.width * factor, canvas.height * factor), Image.Resampling.NEAREST)
+    return canvas
+
+
+def side_by_side(images: list[Image.Image]) -> Image.Image:
+    """Concatenate images of equal height horizontally."""
+    width = sum(image.width for image in images)
+    canvas = Image.new("RGB", (width, images[0].height))
+    offset = 0
+    for image in images:
+        canvas.paste(image, (offset, 0))
+        offset += image.width
+    return canvas

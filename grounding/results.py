@@ -1,0 +1,97 @@
+"""Summaries of an evaluation's per-pair records, grouped by method, and the result files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from grounding.aggregation import AggregateKind, AggregateResult, aggregate
+from grounding.metrics import METRIC_NAMES, EmptyMaskPolicy
+from grounding.reporting import THRESHOLD_FREE_TABLE_METRICS, write_method_tables, write_pair_csv
+
+log = logging.getLogger(__name__)
+
+# The paper's convention (every metric 0 for an empty mask) and headline average.
+HEADLINE_POLICY = EmptyMaskPolicy.ZERO_ALL
+HEADLINE_AGGREGATE = AggregateKind.WEIGHTED
+HEADLINE_METRICS = ("miou", "cnr", "top1", "auc_roc")
+# Methods that vary one setting of the main map; they get their own table.
+ABLATION_PREFIXES = ("tokens/", "window/")
+
+
+def metric_keys() -> list[str]:
+    """Record keys of every metric under both empty-mask policies."""
+    return [f"{policy.value}/{name}" for policy in EmptyMaskPolicy for name in METRIC_NAMES]
+
+
+def _method_summary(result: AggregateResult) -> dict[str, Any]:
+    headline = result.overall[HEADLINE_AGGREGATE]
+    overall = {name: headline[f"{HEADLINE_POLICY.value}/{name}"] for name in METRIC_NAMES}
+    overall["policy"] = HEADLINE_POLICY.value
+    overall["aggregate"] = HEADLINE_AGGREGATE.value
+    overall["num_pairs"] = result.n_pairs
+    return {
+        "overall": overall,
+        "aggregates": {kind.value: dict(values) for kind, values in result.overall.items()},
+        "per_finding": {
+            finding: {
+                "num_pairs": summary.n_pairs,
+                **{name: summary.means[f"{HEADLINE_POLICY.value}/{name}"] for name in METRIC_NAMES},
+                **{key: value for key, value in summary.means.items()},
+            }
+            for finding, summary in result.findings.items()
+        },
+        "nan_counts": dict(result.nan_counts),
+    }
+
+
+def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate per-pair records per method.
+
+    Every method's ``overall`` holds the headline numbers: the paper's weighted average
+    (pairs weighted by their finding's size) under the paper's empty-mask convention (all
+    metrics 0 when the mask is empty). ``aggregates`` adds the plain mean over pairs and the mean
+    of the finding means, under both conventions; ``per_finding`` has the finding means.
+
+    Raises:
+        ValueError: when ``records`` is empty or two records of one pair and method differ.
+    """
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_method[record["method"]].append(record)
+
+    keys = metric_keys()
+    methods = {method: _method_summary(aggregate(rows, keys)) for method, rows in by_method.items()}
+    flagged = sum(1 for record in records if record.get("mask_flag", "ok") != "ok")
+    num_pairs = max(summary["overall"]["num_pairs"] for summary in methods.values())
+    return {"num_pairs": num_pairs, "maps_with_mask_flags": flagged, "methods": methods}
+
+
+def _is_ablation(method: str) -> bool:
+    return method.startswith(ABLATION_PREFIXES)
+
+
+def write_results(records: list[dict[str, Any]], summary: dict[str, Any], directory: str | Path) -> Path:
+    """Write the result files of one evaluation to ``directory``.
+
+    Files: ``pairs.csv`` (one row per pair and method), ``summary.json``, and per-finding tables
+    as CSV, JSON and Markdown laid out like the paper's Table 1: ``findings.*`` (the main map,
+    BBM and the controls side by side, the paper's conventions), ``findings_threshold_free.*``
+    (the same with threshold-free metrics kept for empty masks) and ``ablations.*`` (token
+    strategies and timestep windows).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_pair_csv(records, directory / "pairs.csv")
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    main_records = [record for record in records if not _is_ablation(record["method"])]
+    ablation_records = [record for record in records if _is_ablation(record["method"]) or record["method"] == "cross_attention"]
+    write_method_tables(main_records, directory, stem="findings")
+    write_method_tables(main_records, directory, metrics=THRESHOLD_FREE_TABLE_METRICS, stem="findings_threshold_free")
+    if len(ablation_records) > len([r for r in ablation_records if r["method"] == "cross_attention"]):
+        write_method_tables(ablation_records, directory, stem="ablations")
+    return directory

@@ -1,0 +1,23 @@
+"""Configs of tiny models for the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY_HIDDEN_SIZE = 32
+
+
+def tiny_unet_config(cross_attention_dim: int = TINY_HIDDEN_SIZE, sample_size: int = 32) -> dict[str, Any]:
+    """A two-level U-Net with cross-attention at both resolutions (about 0.6 M parameters)."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
