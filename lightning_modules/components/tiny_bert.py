@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from datamodules.phantoms import template_words
+from datamodules.phantom_findings import template_words
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,9 @@ def build_tiny_bert(
 
     Raises:
         ValueError: If a size is out of range or the vocabulary is malformed.
+        FileExistsError: If ``save_directory`` is not empty and was not written by this
+            function, so it may contain files that are not ours to replace.
+        NotADirectoryError: If ``save_directory`` is a file.
     """
     if hidden_size < 1 or hidden_size % num_attention_heads != 0:
         raise ValueError(
@@ -234,9 +237,17 @@ def build_tiny_bert(
     )
     spec_hash = _spec_hash(spec)
     directory = Path(save_directory).expanduser().absolute()
-    if _read_build_hash(directory) == spec_hash:
+    found_hash = _read_build_hash(directory)
+    if found_hash == spec_hash:
         logger.info("Reusing tiny BERT at %s", directory)
         return directory
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"Tiny BERT save_directory {directory} is a file; pass a directory path.")
+    if found_hash is None and directory.is_dir() and any(directory.iterdir()):
+        raise FileExistsError(
+            f"{directory} is not empty and contains no tiny BERT (no {BUILD_MARKER_FILE_NAME}); "
+            "pass an empty or new directory."
+        )
 
     # Save into a temporary sibling and rename, so that a reader never sees a partial model.
     directory.parent.mkdir(parents=True, exist_ok=True)
