@@ -172,8 +172,8 @@ def build_tiny_bert(
     - no transformer layers, so a token's state is ``LayerNorm(word + position)`` and does not
       depend on its neighbours (the U-Net's cross-attention can still bind words by position),
     - word embeddings drawn from ``N(0, word_embedding_std**2)`` in ``hidden_size`` dimensions,
-      which are nearly orthogonal: two random 64-d vectors have a cosine of about
-      ``±1/sqrt(64) = ±0.125``,
+      which are nearly orthogonal: the cosine of two random 64-d vectors has a standard
+      deviation of ``1/sqrt(64) = 0.125``,
     - position embeddings 20 times smaller, so the same word at another position keeps a cosine
       above about 0.99 with itself,
     - ``[PAD]`` with an ordinary random embedding, so all padding states are nearly equal.
