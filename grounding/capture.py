@@ -284,20 +284,23 @@ class CrossAttentionCaptureProcessor:
             key = attn.norm_k(key)
 
         # AttnProcessor2_0 scales by 1/sqrt(d) and ignores `attn.scale`, so this does the same.
+        # Scaling the query before the product costs less than scaling the scores.
         dtype = query.dtype
         if attn.upcast_attention:
             query = query.float()
             key = key.float()
-        attention_scores = torch.matmul(query, key.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+        attention_scores = torch.matmul(query * (1.0 / math.sqrt(head_dim)), key.transpose(-1, -2))
         if attention_mask is not None:
             attention_scores = attention_scores + attention_mask
         if attn.upcast_softmax:
             attention_scores = attention_scores.float()
         attention_probs = attention_scores.softmax(dim=-1).to(dtype)
 
-        # Only the requested rows are averaged over heads and handed on.
-        captured = attention_probs.index_select(0, rows.to(attention_probs.device))
-        self.store.record(self.layer_position, captured.float().mean(dim=1))
+        # The head average comes first because it is `heads` times smaller than the rows' copy.
+        head_mean = attention_probs.mean(dim=1, dtype=torch.float32)
+        if rows.numel() != batch_size or not torch.equal(rows, torch.arange(batch_size)):
+            head_mean = head_mean.index_select(0, rows.to(head_mean.device))
+        self.store.record(self.layer_position, head_mean)
 
         # Output, as in the default processor.
         hidden_states = torch.matmul(attention_probs, value.to(attention_probs.dtype))

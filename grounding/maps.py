@@ -202,8 +202,10 @@ class StreamingAttentionAccumulator(AttentionStore):
             probs = blocks_probs if len(positions) == len(self._blocks) else blocks_probs[positions]
             segments = [self.segment_of_step(self._blocks[i].step_index) for i in positions]
             layer_sums = self._layer_sums(capture_pass, layer_position, probs)
-            segment_index = torch.tensor(segments, device=probs.device)
-            layer_sums.index_add_(1, segment_index, probs.transpose(0, 1))
+            if len(set(segments)) == 1:
+                layer_sums[segments[0]] += probs.sum(dim=0)
+            else:
+                layer_sums.index_add_(0, torch.tensor(segments, device=probs.device), probs)
 
             if self.token_sets is not None:
                 steps = [self._blocks[i].step_index for i in positions]
@@ -217,10 +219,10 @@ class StreamingAttentionAccumulator(AttentionStore):
     ) -> torch.Tensor:
         layer_sums = self._sums[capture_pass][layer_position]
         if layer_sums is None:
-            # [P, segments, Q, N], so that blocks add without a transpose of Q and N.
+            # [segments, P, Q, N], the layout of the blocks, so that they add without a copy.
             num_queries, num_tokens = probs.shape[-2:]
             layer_sums = probs.new_zeros(
-                self.num_pairs, len(self.timestep_windows), num_queries, num_tokens
+                len(self.timestep_windows), self.num_pairs, num_queries, num_tokens
             )
             self._sums[capture_pass][layer_position] = layer_sums
         return layer_sums
@@ -312,7 +314,7 @@ class StreamingAttentionAccumulator(AttentionStore):
             if layer_sums is None:
                 raise RuntimeError("A layer captured no attention in the text run.")
             grid = layer_grid_size(layer_sums.shape[2], self.latent_size)
-            window_maps.append(layer_sums[pair].cumsum(0).transpose(1, 2).unflatten(-1, grid))
+            window_maps.append(layer_sums[:, pair].cumsum(0).transpose(1, 2).unflatten(-1, grid))
         return window_maps
 
 

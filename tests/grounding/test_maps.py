@@ -56,8 +56,8 @@ def _accumulate(bbm: bool) -> tuple[StreamingAttentionAccumulator, torch.Tensor,
     main = torch.zeros(NUM_PAIRS, NUM_STEPS, len(LAYERS), NUM_TOKENS, *LATENT_SIZE)
     text = torch.zeros_like(main)
 
-    # Steps 1 and 2 of the main run in one forward, as the gt_cfg chunks do; then steps 1..3 of
-    # the text run after the main run, and step 3 of both runs in one forward.
+    # The main run's steps 1 and 2 share a forward, as in a gt_cfg chunk. The text run's steps 1
+    # and 2 follow, and the last forward has step 3 of both runs, as in the guided modes.
     forwards = [
         [CaptureBlock(CapturePass.MAIN, 1, 0), CaptureBlock(CapturePass.MAIN, 2, 2)],
         [CaptureBlock(CapturePass.TEXT, 1, 2)],
