@@ -214,8 +214,14 @@ class LatentDiffusionModule(L.LightningModule):
         return latents.float() * self.vae.config.scaling_factor
 
     def _step_generator(self, batch_idx: int) -> torch.Generator:
-        """A generator seeded from (seed, optimizer step, micro-batch, rank)."""
-        seed_sequence = np.random.SeedSequence([self.hparams.seed, self.global_step, batch_idx, self.global_rank])
+        """A generator seeded from (seed, optimizer step, micro-batch within the step, rank).
+
+        The micro-batch counts within the optimizer step, not the epoch, because a run resumed
+        from a mid-epoch checkpoint numbers its batches differently.
+        """
+        accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        micro_batch = batch_idx % accumulation
+        seed_sequence = np.random.SeedSequence([self.hparams.seed, self.global_step, micro_batch, self.global_rank])
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int(seed_sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
         return generator
@@ -255,7 +261,10 @@ class LatentDiffusionModule(L.LightningModule):
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
         return F.mse_loss(model_pred.float(), target.float())
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        # The collate drops unreadable images; a batch left empty is skipped, not a NaN loss.
+        if len(batch["captions"]) == 0:
+            return None
         generator = self._step_generator(batch_idx)
         latents = self._training_latents(batch, generator)
         captions = self.drop_captions(list(batch["captions"]), generator)
@@ -264,14 +273,17 @@ class LatentDiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Update the average once per optimizer step, not per accumulated micro-batch.
-        if self.global_step <= int(self.ema_updates):
-            return
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimizer, then move the EMA towards the new weights.
+
+        The update happens here rather than in a batch-end hook, so that a checkpoint written by
+        a callback after this step already contains the updated average.
+        """
+        super().optimizer_step(*args, **kwargs)
         decay = ema_decay_at(int(self.ema_updates), self.hparams.ema_decay, self.hparams.ema_warmup)
         update_ema(self.ema_unet, self.unet, decay)
         update_ema(self.ema_text_adapter, self.text_adapter, decay)
-        self.ema_updates.fill_(self.global_step)
+        self.ema_updates += 1
         self.log("train/ema_decay", decay, batch_size=1)
 
     def on_train_start(self) -> None:
@@ -302,17 +314,19 @@ class LatentDiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------
     # Validation and test: a denoising loss with the EMA weights; grounding runs in a callback.
 
-    def _evaluation_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> torch.Tensor:
+    def _evaluation_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> torch.Tensor | None:
+        if len(batch["phrases"]) == 0:
+            return None
         generator = self._step_generator(batch_idx)
         latents = self.encode_images(batch["pixel_values"])
         loss = self.diffusion_loss(latents, list(batch["phrases"]), generator, use_ema=True)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=latents.shape[0])
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         return self._evaluation_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         return self._evaluation_step(batch, batch_idx, "test")
 
     # ----------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def make_trainer(tmp_path: Path, max_steps: int, **kwargs: Any) -> L.Trainer:
         accelerator="cpu",
         devices=1,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing="callbacks" in kwargs,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -137,7 +137,8 @@ def test_ema_update_hand_computed() -> None:
 
 
 def test_ema_follows_training(tmp_path: Path, tiny_module_kwargs: dict[str, Any]) -> None:
-    module = LatentDiffusionModule(**tiny_module_kwargs)
+    # Without warm-up the first step has a non-zero learning rate.
+    module = LatentDiffusionModule(**{**tiny_module_kwargs, "lr_warmup_steps": 0})
     initial = flat_parameters(module.unet).clone()
 
     make_trainer(tmp_path, max_steps=1).fit(module, train_dataloaders=make_loader())
@@ -178,27 +179,16 @@ def test_validation_uses_ema_weights(tiny_module_kwargs: dict[str, Any]) -> None
     assert evaluation_loss() != pytest.approx(reference)
 
 
-class StopAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_module_kwargs: dict[str, Any]) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # The uninterrupted run saves a checkpoint at step 4 as a crashed run would have.
     L.seed_everything(0)
     uninterrupted = LatentDiffusionModule(**tiny_module_kwargs)
-    make_trainer(tmp_path / "full", max_steps=8).fit(uninterrupted, train_dataloaders=make_loader())
-
-    L.seed_everything(0)
-    first_half = LatentDiffusionModule(**tiny_module_kwargs)
-    trainer = make_trainer(tmp_path / "half", max_steps=8, callbacks=[StopAt(4)])
-    trainer.fit(first_half, train_dataloaders=make_loader())
-    assert first_half.global_step == 4
-    checkpoint = tmp_path / "half.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=4, save_top_k=-1)
+    make_trainer(tmp_path / "full", max_steps=8, callbacks=[checkpoints]).fit(uninterrupted, train_dataloaders=make_loader())
+    checkpoint = tmp_path / "checkpoints" / "epoch=0-step=4.ckpt"
+    assert checkpoint.is_file()
 
     L.seed_everything(1)
     resumed = LatentDiffusionModule(**tiny_module_kwargs)
