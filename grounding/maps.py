@@ -468,6 +468,10 @@ def product_map(
     of `U(P_img[t, l]) @ U(P_txt[t, l, k])` with `U` the nearest upsampling to the latent grid,
     then min-max normalized to [0, 1].
 
+    NOTE: Bimodal Bias Merging defines `P_img` and `P_txt` over every timestep of the two runs,
+    while this function uses the given window. For every timestep, accumulate the window T (`extra_timestep_windows`)
+    and pass `window=T` here and to `image_bias_mean` and `text_bias_mean`.
+
     Returns:
         `[h, w]` float32 in [0, 1].
 
