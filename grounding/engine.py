@@ -31,6 +31,7 @@ Usage::
 
 import hashlib
 import logging
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, unique
@@ -306,7 +307,7 @@ class GroundingEngine:
                 if not positions:
                     logger.warning("Pair %d has an empty token selection %r.", pair, name)
                 for position in positions:
-                    if isinstance(position, bool) or not isinstance(position, int):
+                    if isinstance(position, bool) or not isinstance(position, numbers.Integral):
                         raise ValueError(f"Pair {pair}, selection {name!r}: invalid position {position!r}.")
                     if not 0 <= position < num_tokens:
                         raise ValueError(

@@ -23,6 +23,7 @@ integer factor f, `U(A) @ U(B) = f * U(A @ B)`, so the product is also taken at 
 
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, unique
@@ -363,9 +364,10 @@ def _check_tokens(tokens: Sequence[int], num_tokens: int) -> list[int]:
     if len(tokens) == 0:
         raise ValueError("The token selection is empty, but a map needs at least one token position.")
     for position in tokens:
-        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < num_tokens:
+        valid_type = isinstance(position, numbers.Integral) and not isinstance(position, bool)
+        if not valid_type or not 0 <= position < num_tokens:
             raise ValueError(f"Invalid token position {position!r}: expected an int in [0, {num_tokens}).")
-    return list(tokens)
+    return [int(position) for position in tokens]
 
 
 def _mean_map(

@@ -1,5 +1,6 @@
 """Tests of the streaming accumulator and the map reductions, on synthetic probabilities."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +229,9 @@ def test_bbm_maps_need_text_run():
         product_map(plain, "words")
     with pytest.raises(ValueError, match="no text run"):
         text_bias_mean(plain, "words")
+
+
+def test_numpy_token_positions_accepted(summary):
+    numpy_tokens = list(np.array([1, 2]))
+
+    assert torch.equal(combined_map(summary, numpy_tokens), combined_map(summary, [1, 2]))
