@@ -60,6 +60,9 @@ class GroundingCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            check_paths = getattr(self.datamodule, "check_paths", None)
+            if check_paths is not None:
+                check_paths()
         except FileNotFoundError as error:
             # A missing data set or model is a setup problem, not a bug: no traceback.
             log.error("%s", error)

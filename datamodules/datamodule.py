@@ -237,7 +237,6 @@ class CXRDataModule(L.LightningDataModule):
             self.reports_root = Path(mimic_cxr_reports_root) if mimic_cxr_reports_root else self.image_root
             self.ms_cxr_csv = Path(ms_cxr_csv) if ms_cxr_csv else None
             self.train_csv = Path(train_csv) if train_csv else None
-            self._check_paths()
 
         self.work_dir = Path(work_dir)
         self.latent_cache_dir = Path(latent_cache_dir) if latent_cache_dir else self.work_dir / "latent_cache"
@@ -255,8 +254,15 @@ class CXRDataModule(L.LightningDataModule):
         """Training batch size per device."""
         return self.hparams.train_batch_size
 
-    def _check_paths(self) -> None:
-        """Raise early when a configured file or folder is missing, naming the config key."""
+    def check_paths(self) -> None:
+        """Raise when a configured file or folder is missing, naming the config key.
+
+        ``train.py`` calls it right after building the datamodule, and ``prepare_data`` calls it
+        again, so that a real config stops before any model work. The constructor does not check,
+        because jsonargparse builds the class once while it validates the config.
+        """
+        if self.hparams.demo:
+            return
         required: list[tuple[Path | None, str, str]] = []
         if self.train_csv is not None:
             required.append((self.train_csv, "train_csv", "Point it to your CSV of image paths and captions."))
@@ -283,6 +289,7 @@ class CXRDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write the phantoms (demo), build and cache the pair list, and build the latent cache."""
+        self.check_paths()
         if self.hparams.demo:
             self.write_demo_data()
         self.train_pair_list()
