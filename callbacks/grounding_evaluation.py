@@ -136,7 +136,8 @@ class GroundingEvaluation(Callback):
         self._active = False
         self._records: list[dict[str, Any]] = []
         self._overlays: list[tuple[Any, str]] = []
-        self._phrase_pool: list[tuple[str, str]] = []
+        self._phrase_pool: list[tuple[str, str]] | None = None
+        self._batch_phrases: list[tuple[str, str]] = []
         self._pairs_seen = 0
         self._failed_batches = 0
         self.summary_rows: dict[str, dict[str, Any]] = {}
@@ -149,9 +150,9 @@ class GroundingEvaluation(Callback):
         if not self.evaluate_untrained:
             return
         rank_zero_info("Grounding with the untrained U-Net, before fine-tuning")
-        datamodule = trainer.datamodule
-        self._start(trainer)
-        for batch_idx, batch in enumerate(datamodule.val_dataloader()):
+        dataloader = trainer.datamodule.val_dataloader()
+        self._start(trainer, dataloader)
+        for batch_idx, batch in enumerate(dataloader):
             if batch_idx % trainer.world_size != trainer.global_rank:
                 continue
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
@@ -169,12 +170,12 @@ class GroundingEvaluation(Callback):
         self._active = self._validation_runs % self.every_n_validations == 0
         self._validation_runs += 1
         if self._active:
-            self._start(trainer)
+            self._start(trainer, trainer.val_dataloaders)
 
     @override
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._active = True
-        self._start(trainer)
+        self._start(trainer, trainer.test_dataloaders)
 
     @override
     def on_validation_batch_end(
@@ -214,12 +215,14 @@ class GroundingEvaluation(Callback):
     # ----------------------------------------------------------------------------------------
     # Evaluation.
 
-    def _start(self, trainer: L.Trainer) -> None:
+    def _start(self, trainer: L.Trainer, dataloader: Any = None) -> None:
         self._records = []
         self._overlays = []
-        self._phrase_pool = []
         self._pairs_seen = 0
         self._failed_batches = 0
+        self.evaluator.failed_pairs = []
+        self._batch_phrases = []
+        self._phrase_pool = _phrase_pool(dataloader)
 
     def _pair_budget(self, trainer: L.Trainer) -> int | None:
         if self.max_pairs is None:
@@ -236,7 +239,8 @@ class GroundingEvaluation(Callback):
         if budget is not None and self._pairs_seen + len(batch["pair_ids"]) > budget:
             batch = _slice_batch(batch, budget - self._pairs_seen)
         self._pairs_seen += len(batch["pair_ids"])
-        self._phrase_pool.extend(zip(batch["phrases"], batch["findings"]))
+        if self._phrase_pool is None:
+            self._batch_phrases.extend(zip(batch["phrases"], batch["findings"]))
 
         def encode(texts: list[str]) -> tuple[torch.Tensor, Any]:
             return pl_module.encode_text(texts, use_ema=True)
@@ -269,10 +273,16 @@ class GroundingEvaluation(Callback):
                 self._overlays.append(_render_pair(batch, row, pair_results))
 
     def _shuffled_phrases(self, batch: dict[str, Any]) -> list[str]:
-        """Pick, for each pair, a phrase of another finding, deterministically from its id."""
+        """Pick, for each pair, a phrase of another finding, deterministically from its id.
+
+        The candidates are the phrases of the whole evaluation data set, so the choice does not
+        depend on the batch size or on how pairs are split across ranks. A data set that does
+        not list its pairs falls back to the phrases seen so far.
+        """
+        pool = self._phrase_pool if self._phrase_pool is not None else self._batch_phrases
         phrases = []
         for pair_id, finding in zip(batch["pair_ids"], batch["findings"]):
-            candidates = [phrase for phrase, other in self._phrase_pool if other != finding]
+            candidates = [phrase for phrase, other in pool if other != finding]
             if not candidates:
                 candidates = [phrase for name, phrase in FALLBACK_PHRASES.items() if name != finding]
             phrases.append(candidates[pair_seed_from_id(pair_id) % len(candidates)])
@@ -283,10 +293,11 @@ class GroundingEvaluation(Callback):
             return self._records
         gathered: list[list[dict[str, Any]]] = [[] for _ in range(trainer.world_size)]
         dist.all_gather_object(gathered, self._records)
-        failed = [0 for _ in range(trainer.world_size)]
-        dist.all_gather_object(failed, self._failed_batches)
-        self._failed_batches = sum(failed)
-        return [record for records in gathered for record in records]
+        failed = [(0, []) for _ in range(trainer.world_size)]
+        dist.all_gather_object(failed, (self._failed_batches, self.evaluator.failed_pairs))
+        self._failed_batches = sum(count for count, _ in failed)
+        self.evaluator.failed_pairs = sorted({pair for _, pairs in failed for pair in pairs})
+        return _drop_padding_duplicates(record for records in gathered for record in records)
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, log_metrics: bool) -> dict[str, Any] | None:
         """Gather, aggregate, log and write the results of one evaluation; returns the summary."""
@@ -296,6 +307,14 @@ class GroundingEvaluation(Callback):
             return None
         summary = summarize_records(records)
         summary["failed_batches"] = self._failed_batches
+        summary["failed_pairs"] = [{"pair_id": pair_id, "reason": reason} for pair_id, reason in self.evaluator.failed_pairs]
+        if summary["failed_pairs"] or self._failed_batches:
+            log.warning(
+                "Grounding (%s): %d pairs and %d batches could not be scored; see summary.json.",
+                stage,
+                len(summary["failed_pairs"]),
+                self._failed_batches,
+            )
 
         if log_metrics:
             for key, value in _flatten_for_logging(summary, stage).items():
@@ -346,6 +365,31 @@ class GroundingEvaluation(Callback):
                 images = [image for image, _ in self._overlays]
                 captions = [caption for _, caption in self._overlays]
                 logger.log_image(key=f"{stage}/grounding/overlays", images=images, caption=captions, step=trainer.global_step)
+
+
+def _phrase_pool(dataloader: Any) -> list[tuple[str, str]] | None:
+    """List the (phrase, finding) of every pair of an evaluation loader, ordered by pair id."""
+    loaders = dataloader if isinstance(dataloader, (list, tuple)) else [dataloader]
+    pool = []
+    for loader in loaders:
+        pairs = getattr(getattr(loader, "dataset", None), "pairs", None)
+        if pairs is None:
+            return None
+        pool += [(pair.pair_id, pair.phrase, pair.finding) for pair in pairs]
+    return [(phrase, finding) for _, phrase, finding in sorted(pool)]
+
+
+def _drop_padding_duplicates(records: Any) -> list[dict[str, Any]]:
+    """Keep the first record of each (pair, method), in rank order.
+
+    The distributed sampler repeats pairs to even out the ranks. A repeated pair sits in a batch
+    of other pairs, and batched matrix products round differently, so its metrics can differ in
+    the last digits; the copy of the lower rank is kept.
+    """
+    kept: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        kept.setdefault((record["pair_id"], record["method"]), record)
+    return list(kept.values())
 
 
 def _slice_batch(batch: dict[str, Any], count: int) -> dict[str, Any]:

@@ -133,8 +133,14 @@ class GroundingEvaluator:
 
     def __init__(self, engine_config: GroundingConfig, settings: EvaluationSettings) -> None:
         engine_config.bimodal_bias_merging = bool(settings.bbm_variants)
+        if settings.bbm_variants:
+            # The image and text biases of BBM average every timestep, not only the main window.
+            all_steps = engine_config.num_inference_steps
+            if all_steps not in engine_config.timestep_windows:
+                engine_config.extra_timestep_windows = [*engine_config.extra_timestep_windows, all_steps]
         self.engine_config = engine_config
         self.settings = settings
+        self.failed_pairs: list[tuple[str, str]] = []
 
     def select(self, phrase: str, offsets: Sequence[tuple[int, int]], attention_mask: Sequence[int], finding: str) -> dict[str, TokenSelection]:
         """Select the tokens of every compared strategy, the main one first."""
@@ -171,7 +177,8 @@ class GroundingEvaluator:
             only_main: Score the main map only (for controls).
 
         Returns:
-            Per pair, the scored maps of every method, the main one first.
+            Per pair, the scored maps of every method, the main one first. A pair that cannot be
+            scored gets an empty list and an entry in ``failed_pairs`` (pair id, reason).
         """
         texts = list(phrases if phrases is not None else batch["phrases"])
         findings = list(batch["findings"])
@@ -199,7 +206,14 @@ class GroundingEvaluator:
         for row, summary in enumerate(summaries):
             gt_mask = np.asarray(batch["gt_masks"][row].detach().cpu().numpy(), dtype=bool)
             boxes = batch["boxes"][row] if "boxes" in batch else []
-            scored = self._score_pair_maps(summary, selections[row], gt_mask, boxes, main_method, only_main)
+            try:
+                scored = self._score_pair_maps(summary, selections[row], gt_mask, boxes, main_method, only_main)
+            except ValueError as error:
+                # One bad pair (for example boxes that vanished in the crop) must not end the run.
+                log.warning("Skipping grounding pair %s (%s): %s", pair_ids[row], main_method, error)
+                self.failed_pairs.append((pair_ids[row], str(error)))
+                results.append([])
+                continue
             context = {
                 "pair_id": pair_ids[row],
                 "finding": findings[row],
@@ -234,12 +248,13 @@ class GroundingEvaluator:
         p_comb = maps.combined_map(summary, main_tokens).cpu().numpy()
         latent_maps.append((main_method, p_comb, {"token_strategy": main_name}))
         if not only_main:
+            all_steps = summary.num_inference_steps
             for variant in settings.bbm_variants:
                 merged = bimodal_bias_merge(
                     p_comb,
-                    maps.product_map(summary, main_name).cpu().numpy(),
-                    maps.image_bias_mean(summary).cpu().numpy(),
-                    maps.text_bias_mean(summary, main_name).cpu().numpy(),
+                    maps.product_map(summary, main_name, window=all_steps).cpu().numpy(),
+                    maps.image_bias_mean(summary, window=all_steps).cpu().numpy(),
+                    maps.text_bias_mean(summary, main_name, window=all_steps).cpu().numpy(),
                     variant,
                 )
                 extra = {"token_strategy": main_name, "bbm_similarity": merged.similarity}
