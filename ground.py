@@ -8,7 +8,7 @@ same config builds the model, and the grounding options come from its ``Groundin
 callback (``--trainer.callbacks.init_args.num_inference_steps=50``, ...). Without
 ``--ckpt_path`` the U-Net comes from the config, for example a published fine-tuned U-Net set
 with ``--model.unet_name_or_path``. The output shows the image, the main map and one map per
-word token, like Figure 2 of the paper.
+word token, like Figure 2 of Generate to Ground (MIDL 2025).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class GroundingEvaluation(Callback):
         compare_token_strategies: Also score every other token strategy.
         bbm_variants: Bimodal Bias Merging variants to score (``bezier``, ``linear``, ``quadratic``);
             an empty list skips the extra text-bias sampling run.
-        metric_convention: ``gmm_miou`` (the paper) or ``multi_threshold``.
+        metric_convention: ``gmm_miou`` (Generate to Ground, MIDL 2025) or ``multi_threshold``.
         shuffled_caption: Also score each pair with the phrase of a pair of another finding.
         image_bias: Also score the start-token map alone.
         center_prior: Also score a Gaussian at the image center.
@@ -383,8 +383,8 @@ def _drop_padding_duplicates(records: Any) -> list[dict[str, Any]]:
     """Keep the first record of each (pair, method), in rank order.
 
     The distributed sampler repeats pairs to even out the ranks. A repeated pair sits in a batch
-    of other pairs, and batched matrix products round differently, so its metrics can differ in
-    the last digits; the copy of the lower rank is kept.
+    of other pairs, where batched matrix products round differently, so its metrics can differ in
+    the last digits. The copy of the lower rank is kept.
     """
     kept: dict[tuple[str, str], dict[str, Any]] = {}
     for record in records:

@@ -49,10 +49,10 @@ class EvaluationSettings:
     """Settings of the grounding evaluation besides the sampling (see `GroundingConfig`).
 
     Attributes:
-        token_strategy: Token strategy of the main map (``lexical`` in the paper).
+        token_strategy: Token strategy of the main map (``lexical`` in Generate to Ground, MIDL 2025).
         compare_token_strategies: Also score every other strategy from the same pass.
         bbm_variants: Bimodal Bias Merging variants to score; empty disables the text-bias run.
-        metric_convention: ``gmm_miou`` (the paper) or ``multi_threshold`` (BioViL-style).
+        metric_convention: ``gmm_miou`` (Generate to Ground, MIDL 2025) or ``multi_threshold`` (BioViL-style).
         mask_seed: Seed of the Gaussian mixture of the binary masks.
         image_bias: Score the start-token map alone.
         center_prior: Score a Gaussian at the image center.

@@ -14,7 +14,8 @@ from grounding.reporting import THRESHOLD_FREE_TABLE_METRICS, write_method_table
 
 log = logging.getLogger(__name__)
 
-# The paper's convention (every metric 0 for an empty mask) and headline average.
+# The convention of Generate to Ground (MIDL 2025): every metric 0 for an empty mask, and its
+# weighted average as the headline.
 HEADLINE_POLICY = EmptyMaskPolicy.ZERO_ALL
 HEADLINE_AGGREGATE = AggregateKind.WEIGHTED
 HEADLINE_METRICS = ("miou", "cnr", "top1", "auc_roc")
@@ -51,8 +52,8 @@ def _method_summary(result: AggregateResult) -> dict[str, Any]:
 def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate per-pair records per method.
 
-    Every method's ``overall`` holds the headline numbers: the paper's weighted average
-    (pairs weighted by their finding's size) under the paper's empty-mask convention (all
+    Every method's ``overall`` holds the headline numbers: the weighted average of Generate to Ground (MIDL 2025)
+    (pairs weighted by their finding's size) under its empty-mask convention (all
     metrics 0 when the mask is empty). ``aggregates`` adds the plain mean over pairs and the mean
     of the finding means, under both conventions; ``per_finding`` has the finding means.
 
@@ -78,8 +79,8 @@ def write_results(records: list[dict[str, Any]], summary: dict[str, Any], direct
     """Write the result files of one evaluation to ``directory``.
 
     Files: ``pairs.csv`` (one row per pair and method), ``summary.json``, and per-finding tables
-    as CSV, JSON and Markdown laid out like the paper's Table 1: ``findings.*`` (the main map,
-    BBM and the controls side by side, the paper's conventions), ``findings_threshold_free.*``
+    as CSV, JSON and Markdown laid out like Table 1 of Generate to Ground: ``findings.*`` (the main map,
+    BBM and the controls side by side, its conventions), ``findings_threshold_free.*``
     (the same with threshold-free metrics kept for empty masks) and ``ablations.*`` (token
     strategies and timestep windows).
     """

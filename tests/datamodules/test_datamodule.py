@@ -24,18 +24,26 @@ def make_datamodule(mimic_root, tmp_path: Path, **overrides) -> CXRDataModule:
 
 
 def test_missing_root_names_key(tmp_path: Path) -> None:
+    datamodule = CXRDataModule(mimic_cxr_jpg_root=str(tmp_path / "absent"), ms_cxr_csv=None)
+
     with pytest.raises(FileNotFoundError, match=r"absent.*data\.init_args\.mimic_cxr_jpg_root.*PhysioNet"):
-        CXRDataModule(mimic_cxr_jpg_root=str(tmp_path / "absent"), ms_cxr_csv=None)
+        datamodule.check_paths()
+    with pytest.raises(FileNotFoundError, match=r"absent"):
+        datamodule.prepare_data()
 
 
 def test_missing_ms_cxr_names_key(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path, ms_cxr_csv=str(tmp_path / "absent.csv"))
+
     with pytest.raises(FileNotFoundError, match=r"data\.init_args\.ms_cxr_csv"):
-        make_datamodule(mimic_root, tmp_path, ms_cxr_csv=str(tmp_path / "absent.csv"))
+        datamodule.check_paths()
 
 
 def test_chestxray14_needs_paths(mimic_root, tmp_path: Path) -> None:
+    datamodule = make_datamodule(mimic_root, tmp_path, grounding_source="chestxray14")
+
     with pytest.raises(ValueError, match="chestxray14_csv is not set"):
-        make_datamodule(mimic_root, tmp_path, grounding_source="chestxray14")
+        datamodule.check_paths()
 
 
 def test_invalid_arguments_rejected(mimic_root, tmp_path: Path) -> None:
