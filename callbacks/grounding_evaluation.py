@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from callbacks.overlays import render_overlay, side_by_side
-from grounding.engine import GroundingConfig, SamplingMode, pair_seed_from_id
+from grounding.engine import GroundingConfig, pair_seed_from_id
 from grounding.pipeline import CENTER_PRIOR_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
 from grounding.results import HEADLINE_METRICS, summarize_records, write_results
 
@@ -70,7 +70,10 @@ class GroundingEvaluation(Callback):
         shuffled_caption: Also score each pair with the phrase of a pair of another finding.
         image_bias: Also score the start-token map alone.
         center_prior: Also score a Gaussian at the image center.
-        evaluate_untrained: Score the U-Net once before training starts (row ``untrained``).
+        evaluate_untrained: Score an untrained U-Net once before training starts (row ``untrained``).
+        untrained_weights: ``initial``: the weights training starts from (for example SD 1.5's);
+            ``random``: a randomly initialised U-Net of the same config, for a run that starts from
+            already fine-tuned weights, such as the demo's shipped checkpoint.
         num_overlays: Overlays logged per evaluation.
         mask_seed: Seed of the Gaussian mixture of the binary masks.
     """
@@ -96,6 +99,7 @@ class GroundingEvaluation(Callback):
         image_bias: bool = True,
         center_prior: bool = True,
         evaluate_untrained: bool = False,
+        untrained_weights: str = "initial",
         num_overlays: int = 8,
         mask_seed: int = 0,
     ) -> None:
@@ -109,7 +113,7 @@ class GroundingEvaluation(Callback):
         self.every_n_validations = every_n_validations
         self.max_pairs = max_pairs
         self.engine_config = GroundingConfig(
-            mode=SamplingMode(mode),
+            mode=mode,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             timestep_window=timestep_window,
@@ -129,7 +133,10 @@ class GroundingEvaluation(Callback):
         )
         self.evaluator = GroundingEvaluator(self.engine_config, self.settings)
         self.shuffled_caption = shuffled_caption
+        if untrained_weights not in ("initial", "random"):
+            raise ValueError(f"untrained_weights must be 'initial' or 'random', got {untrained_weights!r}.")
         self.evaluate_untrained = evaluate_untrained
+        self.untrained_weights = untrained_weights
         self.num_overlays = num_overlays
 
         self._validation_runs = 0
@@ -149,14 +156,15 @@ class GroundingEvaluation(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.evaluate_untrained:
             return
-        rank_zero_info("Grounding with the untrained U-Net, before fine-tuning")
+        rank_zero_info(f"Grounding with the untrained U-Net ({self.untrained_weights} weights), before fine-tuning")
+        unet = pl_module.ema_unet if self.untrained_weights == "initial" else _random_unet_like(pl_module.ema_unet, self.engine_config.seed)
         dataloader = trainer.datamodule.val_dataloader()
         self._start(trainer, dataloader)
         for batch_idx, batch in enumerate(dataloader):
             if batch_idx % trainer.world_size != trainer.global_rank:
                 continue
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            self._evaluate(trainer, pl_module, batch, with_controls=False)
+            self._evaluate(trainer, pl_module, batch, with_controls=False, unet=unet)
         summary = self._finish(trainer, pl_module, "untrained", log_metrics=False)
         if summary:
             self.summary_rows[UNTRAINED_METHOD] = summary["methods"][MAIN_METHOD]["overall"]
@@ -229,8 +237,16 @@ class GroundingEvaluation(Callback):
             return None
         return max(1, -(-self.max_pairs // trainer.world_size))
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any], with_controls: bool) -> None:
-        """Score one grounding batch; a failing batch is logged and counted, never fatal."""
+    def _evaluate(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: dict[str, Any],
+        with_controls: bool,
+        unet: torch.nn.Module | None = None,
+    ) -> None:
+        """Score one grounding batch with ``unet`` (the EMA U-Net by default); a failing batch is logged and counted."""
+        unet = unet if unet is not None else pl_module.ema_unet
         budget = self._pair_budget(trainer)
         if budget is not None and self._pairs_seen >= budget:
             return
@@ -247,12 +263,10 @@ class GroundingEvaluation(Callback):
 
         try:
             latents = pl_module.encode_images(batch["pixel_values"])
-            results = self.evaluator.evaluate_batch(
-                pl_module.ema_unet, pl_module.noise_scheduler.config, encode, latents, batch
-            )
+            results = self.evaluator.evaluate_batch(unet, pl_module.noise_scheduler.config, encode, latents, batch)
             if with_controls and self.shuffled_caption:
                 control = self.evaluator.evaluate_batch(
-                    pl_module.ema_unet,
+                    unet,
                     pl_module.noise_scheduler.config,
                     encode,
                     latents,
@@ -377,6 +391,17 @@ def _phrase_pool(dataloader: Any) -> list[tuple[str, str]] | None:
             return None
         pool += [(pair.pair_id, pair.phrase, pair.finding) for pair in pairs]
     return [(phrase, finding) for _, phrase, finding in sorted(pool)]
+
+
+def _random_unet_like(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Build a randomly initialised U-Net with the config, device and dtype of ``unet``."""
+    from diffusers import UNet2DConditionModel
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    random_unet = UNet2DConditionModel.from_config(unet.config)
+    torch.random.set_rng_state(state)
+    return random_unet.to(device=unet.device, dtype=unet.dtype).eval()
 
 
 def _drop_padding_duplicates(records: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+
+from callbacks.grounding_evaluation import GroundingEvaluation, _drop_padding_duplicates, _phrase_pool
+from datamodules.datamodule import CXRDataModule
+from grounding.pipeline import center_prior_map
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+SUMMARY_ROWS = ("trained", "untrained", "center_prior", "shuffled_caption")
+
+
+def test_center_prior_peaks_at_center() -> None:
+    prior = center_prior_map((8, 8))
+
+    assert prior.shape == (8, 8)
+    assert prior.max() == pytest.approx(np.exp(-0.5 * 2 * (0.5 / 2) ** 2))
+    assert np.unravel_index(prior.argmax(), prior.shape) in {(3, 3), (3, 4), (4, 3), (4, 4)}
+    assert prior[0, 0] < prior[3, 3]
+
+
+def test_shuffled_phrase_comes_from_other_finding() -> None:
+    callback = GroundingEvaluation()
+    pairs = [
+        SimpleNamespace(pair_id="a", phrase="small left pleural effusion", finding="Pleural Effusion"),
+        SimpleNamespace(pair_id="b", phrase="cardiomegaly", finding="Cardiomegaly"),
+        SimpleNamespace(pair_id="c", phrase="right pneumothorax", finding="Pneumothorax"),
+    ]
+    callback._phrase_pool = _phrase_pool(SimpleNamespace(dataset=SimpleNamespace(pairs=pairs)))
+    batch = {"pair_ids": ["a", "b", "c"], "findings": ["Pleural Effusion", "Cardiomegaly", "Pneumothorax"]}
+
+    phrases = callback._shuffled_phrases(batch)
+
+    assert phrases[0] in {"cardiomegaly", "right pneumothorax"}
+    assert phrases[1] in {"small left pleural effusion", "right pneumothorax"}
+    assert phrases[2] in {"small left pleural effusion", "cardiomegaly"}
+    reordered = {"pair_ids": ["c", "a"], "findings": ["Pneumothorax", "Pleural Effusion"]}
+    assert callback._shuffled_phrases(reordered) == [phrases[2], phrases[0]]
+
+
+def test_shuffled_phrase_falls_back_to_finding_names() -> None:
+    callback = GroundingEvaluation()
+    callback._phrase_pool = None
+    callback._batch_phrases = [("left pleural effusion", "Pleural Effusion")]
+
+    phrases = callback._shuffled_phrases({"pair_ids": ["a"], "findings": ["Pleural Effusion"]})
+
+    assert phrases[0] != "left pleural effusion"
+    assert "effusion" not in phrases[0]
+
+
+def test_padding_duplicates_keep_first_rank() -> None:
+    records = [
+        {"pair_id": "a", "method": "cross_attention", "zero_all/cnr": 1.0},
+        {"pair_id": "a", "method": "bbm/bezier", "zero_all/cnr": 2.0},
+        {"pair_id": "a", "method": "cross_attention", "zero_all/cnr": 1.0000001},
+    ]
+
+    kept = _drop_padding_duplicates(records)
+
+    assert len(kept) == 2
+    assert kept[0]["zero_all/cnr"] == 1.0
+
+
+def test_invalid_options_rejected() -> None:
+    with pytest.raises(ValueError, match="every_n_validations"):
+        GroundingEvaluation(every_n_validations=0)
+    with pytest.raises(ValueError, match="untrained_weights"):
+        GroundingEvaluation(untrained_weights="pretrained")
+    with pytest.raises(ValueError, match="sampling mode"):
+        GroundingEvaluation(mode="ddpm")
+
+
+def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict) -> None:
+    module = LatentDiffusionModule(**tiny_module_kwargs)
+    datamodule = CXRDataModule(
+        demo=True,
+        demo_root=str(tmp_path / "phantoms"),
+        demo_options={"num_train": 8, "num_validate": 2, "num_test": 0, "min_side_pixels": 48, "max_side_pixels": 64},
+        image_size=32,
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        pin_memory=False,
+        persistent_workers=False,
+        work_dir=str(tmp_path / "data"),
+    )
+    grounding = GroundingEvaluation(
+        num_inference_steps=4,
+        timestep_window=3,
+        steps_per_forward=4,
+        evaluate_untrained=True,
+        untrained_weights="random",
+        num_overlays=3,
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path / "run",
+        max_steps=2,
+        val_check_interval=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[grounding],
+    )
+
+    trainer.fit(module, datamodule=datamodule)
+
+    summary = json.loads((tmp_path / "run" / "grounding" / "summary.json").read_text())
+    assert set(summary) == set(SUMMARY_ROWS)
+    for row in SUMMARY_ROWS:
+        for name in ("miou", "cnr", "top1", "auc_roc"):
+            assert isinstance(summary[row][name], float)
+    results = tmp_path / "run" / "grounding" / "val-step000002"
+    for name in ("pairs.csv", "summary.json", "findings.md", "findings_threshold_free.csv", "ablations.json"):
+        assert (results / name).is_file()
+    assert len(list((results / "overlays").glob("*.png"))) == 3
