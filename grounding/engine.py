@@ -184,7 +184,9 @@ class GroundingEngine:
     ) -> None:
         self.unet = unet
         self.config = config or GroundingConfig()
-        self.scheduler = DDIMScheduler.from_config(scheduler_config)
+        # Stable Diffusion 1.5 samples with set_alpha_to_one=False; a DDPM training config does not
+        # carry that key, so it is set here unless the given config has it.
+        self.scheduler = DDIMScheduler.from_config({"set_alpha_to_one": False, **dict(scheduler_config)})
         self.layer_names = resolve_cross_attention_layers(unet, self.config.layers)
 
     def run(
