@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
@@ -75,6 +76,7 @@ class GroundingEvaluation(Callback):
             ``random``: a randomly initialised U-Net of the same config, for a run that starts from
             already fine-tuned weights, such as the demo's shipped checkpoint.
         num_overlays: Overlays logged per evaluation.
+        num_token_figures: Pairs per evaluation shown with one map per word token.
         mask_seed: Seed of the Gaussian mixture of the binary masks.
     """
 
@@ -101,6 +103,7 @@ class GroundingEvaluation(Callback):
         evaluate_untrained: bool = False,
         untrained_weights: str = "initial",
         num_overlays: int = 8,
+        num_token_figures: int = 2,
         mask_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -138,6 +141,8 @@ class GroundingEvaluation(Callback):
         self.evaluate_untrained = evaluate_untrained
         self.untrained_weights = untrained_weights
         self.num_overlays = num_overlays
+        self.num_token_figures = num_token_figures
+        self._token_figures: list[tuple[Any, str]] = []
 
         self._validation_runs = 0
         self._active = False
@@ -226,6 +231,7 @@ class GroundingEvaluation(Callback):
     def _start(self, trainer: L.Trainer, dataloader: Any = None) -> None:
         self._records = []
         self._overlays = []
+        self._token_figures = []
         self._pairs_seen = 0
         self._failed_batches = 0
         self.evaluator.failed_pairs = []
@@ -283,8 +289,12 @@ class GroundingEvaluation(Callback):
 
         for row, pair_results in enumerate(results):
             self._records.extend(item.record for item in pair_results)
-            if len(self._overlays) < self.num_overlays and trainer.is_global_zero:
+            if not pair_results or not trainer.is_global_zero:
+                continue
+            if len(self._overlays) < self.num_overlays:
                 self._overlays.append(_render_pair(batch, row, pair_results))
+            if len(self._token_figures) < self.num_token_figures and pair_results[0].word_maps:
+                self._token_figures.append(_render_word_maps(batch, row, pair_results[0]))
 
     def _shuffled_phrases(self, batch: dict[str, Any]) -> list[str]:
         """Pick, for each pair, a phrase of another finding, deterministically from its id.
@@ -336,7 +346,7 @@ class GroundingEvaluation(Callback):
         if trainer.is_global_zero:
             directory = self._output_dir(trainer) / f"{stage}-step{trainer.global_step:06d}"
             write_results(records, summary, directory)
-            self._log_overlays(trainer, stage, directory)
+            self._log_overlays(trainer, stage, directory, records)
             rank_zero_info(
                 f"Grounding ({stage}, {summary['num_pairs']} pairs): "
                 + ", ".join(
@@ -367,18 +377,25 @@ class GroundingEvaluation(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.summary_rows, indent=2, sort_keys=True))
 
-    def _log_overlays(self, trainer: L.Trainer, stage: str, directory: Path) -> None:
-        if not self._overlays:
-            return
-        overlay_dir = directory / "overlays"
-        overlay_dir.mkdir(parents=True, exist_ok=True)
-        for index, (image, caption) in enumerate(self._overlays):
-            image.save(overlay_dir / f"{index:02d}.png")
+    def _log_overlays(self, trainer: L.Trainer, stage: str, directory: Path, records: list[dict[str, Any]]) -> None:
+        """Save the overlays and word-map figures as PNGs and log them, with a table of pairs, to W&B."""
+        figures = {"overlays": self._overlays, "token_maps": self._token_figures}
+        for folder, items in figures.items():
+            if items:
+                (directory / folder).mkdir(parents=True, exist_ok=True)
+            for index, (image, _) in enumerate(items):
+                image.save(directory / folder / f"{index:02d}.png")
+
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                images = [image for image, _ in self._overlays]
-                captions = [caption for _, caption in self._overlays]
-                logger.log_image(key=f"{stage}/grounding/overlays", images=images, caption=captions, step=trainer.global_step)
+            if not isinstance(logger, WandbLogger):
+                continue
+            for folder, items in figures.items():
+                if items:
+                    images = [image for image, _ in items]
+                    captions = [caption for _, caption in items]
+                    logger.log_image(key=f"{stage}/grounding/{folder}", images=images, caption=captions, step=trainer.global_step)
+            main_rows = [record for record in records if record["method"] == MAIN_METHOD]
+            logger.log_table(key=f"{stage}/grounding/pairs", dataframe=pd.DataFrame(main_rows), step=trainer.global_step)
 
 
 def _phrase_pool(dataloader: Any) -> list[tuple[str, str]] | None:
@@ -434,6 +451,27 @@ def _render_pair(batch: dict[str, Any], row: int, pair_results: list[ScoredMap])
         + " vs ".join(f"{item.method}: mIoU {item.record['zero_all/miou']:.2f} CNR {item.record['zero_all/cnr']:.2f}" for item in shown)
     )
     del record
+    return side_by_side(panels), caption
+
+
+def _render_word_maps(batch: dict[str, Any], row: int, item: ScoredMap) -> tuple[Any, str]:
+    """Render the main overlay, then one heat map per word token of the phrase, each labelled."""
+    from PIL import Image, ImageDraw
+
+    from callbacks.overlays import colourize, to_gray_rgb
+    from grounding.masks import min_max_normalize, upsample_map
+
+    pixel_values = batch["pixel_values"][row].detach().float().cpu().numpy()
+    main_panel = render_overlay(pixel_values, item.image_map, None, [])
+    image = to_gray_rgb(pixel_values)
+    panels = [main_panel]
+    for word, latent_map in item.word_maps:
+        word_map = upsample_map(min_max_normalize(latent_map).values, image.shape[:2])
+        blended = Image.fromarray((image * 0.5 + colourize(word_map) * 0.5).astype(np.uint8))
+        panel = blended.resize((main_panel.height, main_panel.height), Image.Resampling.NEAREST)
+        ImageDraw.Draw(panel).text((4, 4), word, fill=(255, 255, 255))
+        panels.append(panel)
+    caption = f"{batch['pair_ids'][row]} | {batch['phrases'][row]} | main map, then one map per word token"
     return side_by_side(panels), caption
 
 

@@ -81,6 +81,7 @@ class ScoredMap:
     image_map: np.ndarray
     image_mask: np.ndarray
     record: dict[str, Any]
+    word_maps: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
 
 def center_prior_map(size: tuple[int, int], sigma_fraction: float = CENTER_PRIOR_SIGMA) -> np.ndarray:
@@ -283,4 +284,12 @@ class GroundingEvaluator:
             if item.record["mask_flag"] != MapFlag.OK.value:
                 log.debug("Pair map %s has mask flag %s", method, item.record["mask_flag"])
             scored.append(item)
+
+        # One map per word token of the main run, for figures that show what each word attends to.
+        words = selections.get(TokenStrategy.ALL_WORDS.value)
+        if words is not None:
+            scored[0].word_maps = [
+                (word, maps.combined_map(summary, [position]).cpu().numpy())
+                for position, word in zip(words.positions, words.words)
+            ]
         return scored

@@ -123,3 +123,4 @@ def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict
     for name in ("pairs.csv", "summary.json", "findings.md", "findings_threshold_free.csv", "ablations.json"):
         assert (results / name).is_file()
     assert len(list((results / "overlays").glob("*.png"))) == 3
+    assert len(list((results / "token_maps").glob("*.png"))) == 2
