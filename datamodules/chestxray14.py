@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from datamodules.ms_cxr import GroundingPair, GroundingReadResult, clip_box, is_flagged, make_pair_id
+from datamodules.ms_cxr import GroundingPair, GroundingReadResult, clip_checked_box, is_flagged, make_pair_id
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +169,9 @@ def _add_row(
         return "malformed number in box"
     if not all(math.isfinite(value) for value in box):
         return "malformed number in box"
-    if box[2] <= 0 or box[3] <= 0:
-        return "non-positive box width or height"
-
-    clipped = clip_box(box, image_width, image_height)
-    if clipped is None:
-        return "box outside the image"
-    if clipped != box:
-        result.clipped_boxes += 1
+    clipped, reason = clip_checked_box(box, image_width, image_height, result)
+    if reason is not None:
+        return reason
 
     key = (image_name, finding)
     pair = by_key.get(key)

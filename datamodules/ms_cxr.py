@@ -130,6 +130,26 @@ def clip_box(box: Box, width: int, height: int) -> Box | None:
     return (x0, y0, x1 - x0, y1 - y0)
 
 
+
+def clip_checked_box(
+    box: Box, image_width: int, image_height: int, result: GroundingReadResult
+) -> tuple[Box | None, str | None]:
+    """Clip a finite box ``(x, y, w, h)`` to the image, counting clipped boxes in ``result``.
+
+    Returns:
+        The clipped box and None, or None and the reason to skip the row: a zero or negative
+        size, or a box entirely outside the image.
+    """
+    if box[2] <= 0 or box[3] <= 0:
+        return None, "non-positive box width or height"
+    clipped = clip_box(box, image_width, image_height)
+    if clipped is None:
+        return None, "box outside the image"
+    if clipped != box:
+        result.clipped_boxes += 1
+    return clipped, None
+
+
 def is_flagged(boxes: list[Box], width: int, height: int, image_size: int) -> bool:
     """Return whether no box keeps at least half a pixel in both directions after the crop."""
     geometry = CropGeometry.for_image(height, width, image_size)
@@ -267,14 +287,9 @@ def _add_row(
         return "malformed number in box or image size"
     if width <= 0 or height <= 0:
         return "non-positive image size"
-    if box[2] <= 0 or box[3] <= 0:
-        return "non-positive box width or height"
-
-    clipped = clip_box(box, width, height)
-    if clipped is None:
-        return "box outside the image"
-    if clipped != box:
-        result.clipped_boxes += 1
+    clipped, reason = clip_checked_box(box, width, height, result)
+    if reason is not None:
+        return reason
 
     key = (dicom_id, finding, phrase)
     pair = by_key.get(key)
