@@ -107,3 +107,16 @@ def test_real_config_stops_with_one_message(tmp_path: Path) -> None:
     assert "missing-sd15" in result.stderr
     assert "not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_demo_config_matches_shipped_unet() -> None:
+    import json
+
+    from tests.helpers.models import demo_unet_config
+
+    config = parse(["--config", str(REPO_ROOT / "configs/demo.yaml")])
+    shipped = json.loads((REPO_ROOT / "demo_assets/demo_unet/config.json").read_text())
+
+    assert dict(config.model.unet_config) == demo_unet_config()
+    for key, value in demo_unet_config().items():
+        assert shipped[key] == value, key

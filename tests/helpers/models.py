@@ -21,3 +21,19 @@ def tiny_unet_config(cross_attention_dim: int = TINY_HIDDEN_SIZE, sample_size: i
         "attention_head_dim": 8,
         "norm_num_groups": 8,
     }
+
+
+def demo_unet_config() -> dict[str, Any]:
+    """The U-Net of configs/demo.yaml (1.7 M parameters, cross-attention at 16x16 and 8x8)."""
+    return {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 64,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
