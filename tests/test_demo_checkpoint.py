@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pytest
 
 from callbacks.grounding_evaluation import GroundingEvaluation
-from datamodules.datamodule import CXRDataModule
 from lightning_modules.components.tiny_bert import build_tiny_bert
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from tests.conftest import REPO_ROOT
+from tests.helpers.models import demo_unet_config, phantom_datamodule, quiet_trainer
 
 SHIPPED_UNET = REPO_ROOT / "demo_assets" / "demo_unet"
 
@@ -29,16 +28,10 @@ def validate(tmp_path: Path, name: str, module_kwargs: dict[str, Any], **groundi
         text_encoder_revision=None,
         **module_kwargs,
     )
-    datamodule = CXRDataModule(
-        demo=True,
-        demo_root=str(tmp_path / "phantoms"),
-        demo_options={"seed": 1, "num_train": 8, "num_validate": 24, "num_test": 0, "min_side_pixels": 96, "max_side_pixels": 128},
-        image_size=32,
+    datamodule = phantom_datamodule(
+        tmp_path,
+        {"seed": 1, "num_train": 8, "num_validate": 24, "num_test": 0, "min_side_pixels": 96, "max_side_pixels": 128},
         eval_batch_size=16,
-        num_workers=0,
-        pin_memory=False,
-        persistent_workers=False,
-        work_dir=str(tmp_path / "data"),
     )
     grounding = GroundingEvaluation(
         output_dir=str(tmp_path / name),
@@ -51,22 +44,12 @@ def validate(tmp_path: Path, name: str, module_kwargs: dict[str, Any], **groundi
         num_token_figures=0,
         **grounding_kwargs,
     )
-    trainer = L.Trainer(
-        default_root_dir=tmp_path / name,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[grounding],
-    )
+    trainer = quiet_trainer(tmp_path / name, callbacks=[grounding])
     trainer.validate(module, datamodule=datamodule)
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
 def test_shipped_unet_beats_baselines(tmp_path: Path) -> None:
-    from tests.helpers.models import demo_unet_config
-
     shipped = validate(tmp_path, "shipped", {"unet_name_or_path": str(SHIPPED_UNET), "unet_subfolder": ""})
     untrained = validate(tmp_path, "untrained", {"unet_config": demo_unet_config()}, shuffled_caption=False, center_prior=False)
 

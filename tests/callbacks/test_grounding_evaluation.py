@@ -4,14 +4,13 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 
 from callbacks.grounding_evaluation import GroundingEvaluation, _drop_padding_duplicates, _phrase_pool
-from datamodules.datamodule import CXRDataModule
 from grounding.pipeline import center_prior_map
 from lightning_modules.latent_diffusion import LatentDiffusionModule
+from tests.helpers.models import phantom_datamodule, quiet_trainer
 
 SUMMARY_ROWS = ("trained", "untrained", "center_prior", "shuffled_caption")
 
@@ -79,17 +78,11 @@ def test_invalid_options_rejected() -> None:
 
 def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict) -> None:
     module = LatentDiffusionModule(**tiny_module_kwargs)
-    datamodule = CXRDataModule(
-        demo=True,
-        demo_root=str(tmp_path / "phantoms"),
-        demo_options={"num_train": 8, "num_validate": 2, "num_test": 0, "min_side_pixels": 48, "max_side_pixels": 64},
-        image_size=32,
+    datamodule = phantom_datamodule(
+        tmp_path,
+        {"num_train": 8, "num_validate": 2, "num_test": 0, "min_side_pixels": 48, "max_side_pixels": 64},
         train_batch_size=4,
         eval_batch_size=4,
-        num_workers=0,
-        pin_memory=False,
-        persistent_workers=False,
-        work_dir=str(tmp_path / "data"),
     )
     grounding = GroundingEvaluation(
         num_inference_steps=4,
@@ -99,17 +92,8 @@ def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict
         untrained_weights="random",
         num_overlays=3,
     )
-    trainer = L.Trainer(
-        default_root_dir=tmp_path / "run",
-        max_steps=2,
-        val_check_interval=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[grounding],
+    trainer = quiet_trainer(
+        tmp_path / "run", max_steps=2, val_check_interval=2, num_sanity_val_steps=0, callbacks=[grounding]
     )
 
     trainer.fit(module, datamodule=datamodule)

@@ -16,10 +16,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from callbacks.grounding_evaluation import GroundingEvaluation  # noqa: E402
-from datamodules.datamodule import CXRDataModule  # noqa: E402
 from lightning_modules.components.tiny_bert import build_tiny_bert  # noqa: E402
 from lightning_modules.latent_diffusion import LatentDiffusionModule  # noqa: E402
-from tests.helpers.models import TINY_HIDDEN_SIZE, tiny_unet_config  # noqa: E402
+from tests.helpers.models import TINY_HIDDEN_SIZE, phantom_datamodule, quiet_trainer, tiny_unet_config  # noqa: E402
 
 
 def main(work_dir: Path, devices: int) -> None:
@@ -32,16 +31,11 @@ def main(work_dir: Path, devices: int) -> None:
         text_encoder_type="auto",
         text_encoder_revision=None,
     )
-    datamodule = CXRDataModule(
-        demo=True,
-        demo_root=str(work_dir / "phantoms"),
-        demo_options={"num_train": 4, "num_validate": 5, "num_test": 0, "seed": 3, "max_findings_per_image": 1, "normal_fraction": 0.0},
-        image_size=32,
+    datamodule = phantom_datamodule(
+        work_dir,
+        {"num_train": 4, "num_validate": 5, "num_test": 0, "seed": 3, "max_findings_per_image": 1, "normal_fraction": 0.0},
         train_batch_size=2,
         eval_batch_size=2,
-        num_workers=0,
-        pin_memory=False,
-        persistent_workers=False,
         work_dir=str(work_dir / f"data-{devices}"),
     )
     run_dir = work_dir / f"run-{devices}"
@@ -53,16 +47,8 @@ def main(work_dir: Path, devices: int) -> None:
         steps_per_forward=4,
         num_overlays=2,
     )
-    trainer = L.Trainer(
-        default_root_dir=run_dir,
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[grounding],
+    trainer = quiet_trainer(
+        run_dir, devices=devices, strategy="ddp" if devices > 1 else "auto", callbacks=[grounding]
     )
     trainer.validate(module, datamodule=datamodule)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 TINY_HIDDEN_SIZE = 32
@@ -37,3 +38,35 @@ def demo_unet_config() -> dict[str, Any]:
         "attention_head_dim": 8,
         "norm_num_groups": 8,
     }
+
+
+def phantom_datamodule(root: Path, phantom_options: dict[str, Any], **kwargs: Any) -> Any:
+    """A demo ``CXRDataModule`` on 32 px phantoms under ``root``, without worker processes."""
+    from datamodules.datamodule import CXRDataModule
+
+    settings = {
+        "demo": True,
+        "demo_root": str(root / "phantoms"),
+        "demo_options": phantom_options,
+        "image_size": 32,
+        "num_workers": 0,
+        "pin_memory": False,
+        "persistent_workers": False,
+        "work_dir": str(root / "data"),
+    }
+    return CXRDataModule(**{**settings, **kwargs})
+
+
+def quiet_trainer(root: Path, **kwargs: Any) -> Any:
+    """A CPU ``Trainer`` without logger, checkpoints, progress bar or model summary."""
+    import lightning as L
+
+    settings = {
+        "default_root_dir": root,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(**{**settings, **kwargs})
