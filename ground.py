@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> Path:
     options, config_arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     if not options.phrase.strip():
         raise SystemExit("The phrase is empty; pass the words to ground with --phrase.")
+    if not Path(options.image).is_file():
+        raise SystemExit(f"Image not found: {options.image}; pass a JPEG, PNG or DICOM file with --image.")
+    if options.ckpt_path and not Path(options.ckpt_path).is_file():
+        raise SystemExit(
+            f"Checkpoint not found: {options.ckpt_path}; run the demo first (python train.py --config "
+            "configs/demo.yaml) or leave out --ckpt_path to use the U-Net of the config."
+        )
 
     # Model and grounding settings from the config.
     cli = GroundingCLI(LatentDiffusionModule, parser_kwargs={"parser_mode": "omegaconf+"}, args=config_arguments, run=False)

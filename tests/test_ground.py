@@ -61,3 +61,11 @@ def test_unreadable_image_named(tmp_path: Path) -> None:
 def test_empty_phrase_rejected(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="phrase is empty"):
         ground.main(["--image", "x.png", "--phrase", "  ", "--output", str(tmp_path / "x.png")])
+
+
+def test_missing_checkpoint_named_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="Checkpoint not found"):
+        ground.main(
+            ["--image", str(real_radiograph()), "--phrase", "cardiomegaly", "--output", str(tmp_path / "x.png"),
+             "--ckpt_path", str(tmp_path / "missing.ckpt")]
+        )
