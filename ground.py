@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from callbacks.grounding_evaluation import GroundingEvaluation
-from callbacks.overlays import colourize, side_by_side, to_gray_rgb
+from callbacks.overlays import render_word_maps
 from datamodules.image_io import ImageDecodeError, read_grayscale
 from datamodules.transforms import to_model_input
 from grounding import maps
@@ -52,18 +51,13 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(own), config_arguments
 
 
-def _word_panels(summary: maps.AttentionSummary, phrase: str, encoded: object, image: np.ndarray) -> list[Image.Image]:
-    """One heat map per word token of the phrase, labelled by the token's text."""
-    from PIL import ImageDraw
-
+def word_maps(summary: maps.AttentionSummary, phrase: str, encoded: object) -> list[tuple[str, np.ndarray]]:
+    """Reduce the summary to one map per word token of the phrase, with the token's word."""
     selection = select_tokens(phrase, encoded.offsets[0], encoded.attention_mask[0].tolist(), TokenStrategy.ALL_WORDS)
-    panels = []
-    for position, word in zip(selection.positions, selection.words):
-        token_map = upsample_map(maps.combined_map(summary, [position]).cpu().numpy(), image.shape[:2])
-        panel = Image.fromarray((image * 0.5 + colourize(token_map) * 0.5).astype(np.uint8))
-        ImageDraw.Draw(panel).text((4, 4), word, fill=(255, 255, 255))
-        panels.append(panel)
-    return panels
+    return [
+        (word, maps.combined_map(summary, [position]).cpu().numpy())
+        for position, word in zip(selection.positions, selection.words)
+    ]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -110,14 +104,9 @@ def main(argv: list[str] | None = None) -> Path:
     selection = select_tokens(options.phrase, encoded.offsets[0], encoded.attention_mask[0].tolist(), strategy)
     main_map = upsample_map(maps.combined_map(summary, list(selection.positions)).cpu().numpy(), (image_size, image_size))
 
-    image = to_gray_rgb(pixel_values[0].numpy())
-    main_panel = Image.fromarray((image * 0.5 + colourize(main_map) * 0.5).astype(np.uint8))
-    panels = [Image.fromarray(image), main_panel, *_word_panels(summary, options.phrase, encoded, image)]
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    figure = side_by_side(panels)
-    factor = max(1, -(-256 // figure.height))
-    figure = figure.resize((figure.width * factor, figure.height * factor), Image.Resampling.NEAREST)
+    figure = render_word_maps(pixel_values[0].numpy(), main_map, word_maps(summary, options.phrase, encoded))
     figure.save(output)
     np.save(output.with_suffix(".npy"), main_map)
     log.info(

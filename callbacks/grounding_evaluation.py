@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from callbacks.overlays import render_overlay, side_by_side
+from callbacks.overlays import render_overlay, render_word_maps, side_by_side
 from grounding.engine import GroundingConfig, pair_seed_from_id
 from grounding.pipeline import CENTER_PRIOR_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
 from grounding.results import HEADLINE_METRICS, summarize_records, write_results
@@ -445,34 +445,18 @@ def _render_pair(batch: dict[str, Any], row: int, pair_results: list[ScoredMap])
     shown = [item for item in pair_results if item.method == MAIN_METHOD]
     shown += [item for item in pair_results if item.method.startswith("bbm/")][:1]
     panels = [render_overlay(pixel_values, item.image_map, item.image_mask, boxes) for item in shown]
-    record = shown[0].record
     caption = (
         f"{batch['pair_ids'][row]} | {batch['findings'][row]} | {batch['phrases'][row]} | "
         + " vs ".join(f"{item.method}: mIoU {item.record['zero_all/miou']:.2f} CNR {item.record['zero_all/cnr']:.2f}" for item in shown)
     )
-    del record
     return side_by_side(panels), caption
 
 
 def _render_word_maps(batch: dict[str, Any], row: int, item: ScoredMap) -> tuple[Any, str]:
-    """Render the main overlay, then one heat map per word token of the phrase, each labelled."""
-    from PIL import Image, ImageDraw
-
-    from callbacks.overlays import colourize, to_gray_rgb
-    from grounding.masks import min_max_normalize, upsample_map
-
+    """Render the image, the main map, then one heat map per word token of the phrase."""
     pixel_values = batch["pixel_values"][row].detach().float().cpu().numpy()
-    main_panel = render_overlay(pixel_values, item.image_map, None, [])
-    image = to_gray_rgb(pixel_values)
-    panels = [main_panel]
-    for word, latent_map in item.word_maps:
-        word_map = upsample_map(min_max_normalize(latent_map).values, image.shape[:2])
-        blended = Image.fromarray((image * 0.5 + colourize(word_map) * 0.5).astype(np.uint8))
-        panel = blended.resize((main_panel.height, main_panel.height), Image.Resampling.NEAREST)
-        ImageDraw.Draw(panel).text((4, 4), word, fill=(255, 255, 255))
-        panels.append(panel)
-    caption = f"{batch['pair_ids'][row]} | {batch['phrases'][row]} | main map, then one map per word token"
-    return side_by_side(panels), caption
+    caption = f"{batch['pair_ids'][row]} | {batch['phrases'][row]} | image, main map, then one map per word token"
+    return render_word_maps(pixel_values, item.image_map, item.word_maps), caption
 
 
 def _flatten_for_logging(summary: dict[str, Any], stage: str) -> dict[str, float]:

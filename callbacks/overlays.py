@@ -81,3 +81,38 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
         canvas.paste(image, (offset, 0))
         offset += image.width
     return canvas
+
+
+def render_word_maps(
+    pixel_values: np.ndarray,
+    main_map: np.ndarray,
+    word_maps: list[tuple[str, np.ndarray]],
+    min_side: int = 256,
+) -> Image.Image:
+    """Render the image, the main map and one labelled heat map per word token, side by side.
+
+    Args:
+        pixel_values: ``[3, H, W]`` image in ``[-1, 1]``.
+        main_map: ``[H, W]`` main map in ``[0, 1]``.
+        word_maps: per word token, its text and its map at any resolution (min-max scaled here).
+        min_side: small images are enlarged by an integer factor to at least this height, before
+            the labels are drawn, so that the labels stay readable.
+
+    Returns:
+        An RGB image of ``2 + len(word_maps)`` square panels.
+    """
+    from grounding.masks import min_max_normalize, upsample_map
+
+    gray = to_gray_rgb(pixel_values)
+    size = gray.shape[:2]
+    factor = max(1, -(-min_side // size[0]))
+    maps = [("", main_map)] + [(word, upsample_map(min_max_normalize(word_map).values, size)) for word, word_map in word_maps]
+
+    panels = [Image.fromarray(gray)]
+    for word, activation_map in maps:
+        blended = (gray * 0.5 + colourize(activation_map) * 0.5).astype(np.uint8)
+        panels.append(Image.fromarray(blended))
+    panels = [panel.resize((panel.width * factor, panel.height * factor), Image.Resampling.NEAREST) for panel in panels]
+    for panel, (word, _) in zip(panels[1:], maps):
+        ImageDraw.Draw(panel).text((4, 4), word, fill=(255, 255, 255))
+    return side_by_side(panels)

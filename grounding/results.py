@@ -10,6 +10,7 @@ from typing import Any
 
 from grounding.aggregation import AggregateKind, AggregateResult, aggregate
 from grounding.metrics import METRIC_NAMES, EmptyMaskPolicy
+from grounding.pipeline import MAIN_METHOD
 from grounding.reporting import THRESHOLD_FREE_TABLE_METRICS, write_method_tables, write_pair_csv
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _method_summary(result: AggregateResult) -> dict[str, Any]:
 def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate per-pair records per method.
 
-    Every method's ``overall`` holds the headline numbers: the weighted average of Generate to Ground (MIDL 2025)
+    Every method's ``overall`` contains the headline numbers: the weighted average of Generate to Ground (MIDL 2025)
     (pairs weighted by their finding's size) under its empty-mask convention (all
     metrics 0 when the mask is empty). ``aggregates`` adds the plain mean over pairs and the mean
     of the finding means, under both conventions; ``per_finding`` has the finding means.
@@ -90,9 +91,9 @@ def write_results(records: list[dict[str, Any]], summary: dict[str, Any], direct
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     main_records = [record for record in records if not _is_ablation(record["method"])]
-    ablation_records = [record for record in records if _is_ablation(record["method"]) or record["method"] == "cross_attention"]
+    ablation_records = [record for record in records if _is_ablation(record["method"]) or record["method"] == MAIN_METHOD]
     write_method_tables(main_records, directory, stem="findings")
     write_method_tables(main_records, directory, metrics=THRESHOLD_FREE_TABLE_METRICS, stem="findings_threshold_free")
-    if len(ablation_records) > len([r for r in ablation_records if r["method"] == "cross_attention"]):
+    if any(_is_ablation(record["method"]) for record in records):
         write_method_tables(ablation_records, directory, stem="ablations")
     return directory
