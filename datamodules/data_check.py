@@ -145,6 +145,7 @@ def check_images(paths: list[str], workers: int) -> dict[str, Any]:
 
 def run_check(datamodule: CXRDataModule, decode: DecodeScope, max_train_images: int | None, workers: int) -> dict[str, Any]:
     """Read every configured data set of `datamodule` and return the summary dict."""
+    datamodule.check_paths()
     if datamodule.hparams.demo:
         datamodule.write_demo_data()
 

@@ -8,6 +8,7 @@ pairs to even out the ranks; consumers deduplicate by ``pair_id``.
 """
 
 import csv
+import inspect
 import json
 import logging
 import random
@@ -54,6 +55,13 @@ logger = logging.getLogger(__name__)
 
 MS_CXR_HINT = "MS-CXR needs credentialed access on PhysioNet (physionet.org)."
 CHESTXRAY14_HINT = "ChestX-ray14 is published by the NIH Clinical Center (nihcc.app.box.com/v/ChestXray-NIHCC)."
+# Arguments that point to real data; with demo=true the phantoms replace them.
+REAL_DATA_ARGUMENTS = (
+    "mimic_cxr_jpg_root",
+    "mimic_cxr_reports_root",
+    "ms_cxr_csv",
+    "train_csv",
+)
 
 
 @unique
@@ -262,6 +270,7 @@ class CXRDataModule(L.LightningDataModule):
         because jsonargparse builds the class once while it validates the config.
         """
         if self.hparams.demo:
+            self._warn_unused_real_paths()
             return
         required: list[tuple[Path | None, str, str]] = []
         if self.train_csv is not None:
@@ -284,6 +293,26 @@ class CXRDataModule(L.LightningDataModule):
                 raise ValueError(f"data.init_args.{key} is not set but grounding_source={self.grounding_source.value} needs it. {hint}")
             if not path.exists():
                 raise FileNotFoundError(f"Data path not found: {path} (set by data.init_args.{key}). {hint}")
+
+    def _warn_unused_real_paths(self) -> None:
+        """Warn once when ``demo`` is on but real data paths were changed from their defaults."""
+        if getattr(self, "_warned_unused_paths", False):
+            return
+        self._warned_unused_paths = True
+
+        defaults = inspect.signature(CXRDataModule.__init__).parameters
+        changed = [
+            f"{name}={self.hparams[name]}"
+            for name in REAL_DATA_ARGUMENTS
+            if self.hparams[name] != defaults[name].default
+        ]
+        if changed:
+            logger.warning(
+                "demo=true, so the phantoms under %s are used and %s is ignored. "
+                "Set data.init_args.demo=false to use the real data.",
+                self.hparams.demo_root,
+                ", ".join(changed),
+            )
 
     # ------------------------------------------------------------------ one-time work
 

@@ -196,6 +196,27 @@ def test_demo_phantoms_through_readers(tmp_path: Path) -> None:
     assert sum(datamodule.failed_samples.values()) == 0
 
 
+def test_demo_warns_once_about_ignored_real_paths(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    datamodule = CXRDataModule(demo=True, demo_root=str(tmp_path / "phantoms"), ms_cxr_csv=str(tmp_path / "mine.csv"))
+
+    with caplog.at_level("WARNING", logger="datamodules.datamodule"):
+        datamodule.check_paths()
+        datamodule.check_paths()
+
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "mine.csv" in warnings[0] and "demo=false" in warnings[0]
+
+
+def test_demo_with_default_paths_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    datamodule = CXRDataModule(demo=True, demo_root=str(tmp_path / "phantoms"))
+
+    with caplog.at_level("WARNING", logger="datamodules.datamodule"):
+        datamodule.check_paths()
+
+    assert caplog.records == []
+
+
 def test_cli_parses_signature() -> None:
     from jsonargparse import ArgumentParser
 
