@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -152,6 +153,7 @@ class GroundingEvaluation(Callback):
         self._batch_phrases: list[tuple[str, str]] = []
         self._pairs_seen = 0
         self._failed_batches = 0
+        self._checkpoint_step: int | None = None
         self.summary_rows: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -215,6 +217,12 @@ class GroundingEvaluation(Callback):
         if self._active:
             self._finish_with_rows(trainer, pl_module, "test")
         self._active = False
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # validate and test do not restore the loop progress, so trainer.global_step stays 0 there;
+        # the checkpoint's own step names their result folder instead.
+        self._checkpoint_step = checkpoint.get("global_step")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -344,7 +352,7 @@ class GroundingEvaluation(Callback):
             for key, value in _flatten_for_logging(summary, stage).items():
                 pl_module.log(key, value, sync_dist=True, batch_size=1)
         if trainer.is_global_zero:
-            directory = self._output_dir(trainer) / f"{stage}-step{trainer.global_step:06d}"
+            directory = self._output_dir(trainer) / f"{stage}-step{self._result_step(trainer):06d}"
             write_results(records, summary, directory)
             self._log_overlays(trainer, stage, directory, records)
             rank_zero_info(
@@ -366,6 +374,12 @@ class GroundingEvaluation(Callback):
             if name in methods:
                 self.summary_rows[name] = methods[name]["overall"]
         self._write_summary(trainer)
+
+    def _result_step(self, trainer: L.Trainer) -> int:
+        """Return the training step of the evaluated weights: the trainer's while fitting, else the checkpoint's."""
+        if trainer.state.fn == TrainerFn.FITTING or self._checkpoint_step is None:
+            return trainer.global_step
+        return int(self._checkpoint_step)
 
     def _output_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "grounding"

@@ -108,3 +108,11 @@ def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict
         assert (results / name).is_file()
     assert len(list((results / "overlays").glob("*.png"))) == 3
     assert len(list((results / "token_maps").glob("*.png"))) == 2
+
+    # A later validate of the saved checkpoint names its folder by the checkpoint's step, not 0.
+    checkpoint = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    validate_trainer = quiet_trainer(tmp_path / "validate", callbacks=[GroundingEvaluation(num_inference_steps=4, timestep_window=3)])
+    validate_trainer.validate(LatentDiffusionModule(**tiny_module_kwargs), datamodule=datamodule, ckpt_path=checkpoint)
+    assert (tmp_path / "validate" / "grounding" / "val-step000002" / "pairs.csv").is_file()
+    assert not (tmp_path / "validate" / "grounding" / "val-step000000").exists()
