@@ -297,6 +297,27 @@ def test_lexical_with_spacy_tagger(bert_tokenizer: BertTokenizerFast) -> None:
     assert _tokens_at(bert_tokenizer, phrase, selection.positions) == ["left", "sided", "effusion"]
 
 
+def rule_tagged_spacy_pipeline(spacy: types.ModuleType) -> object:
+    """A real blank English spaCy pipeline whose attribute ruler sets part-of-speech tags by word."""
+    nlp = spacy.blank("en")
+    ruler = nlp.add_pipe("attribute_ruler")
+    for words, tag in ((["left", "right", "small"], "ADJ"), (["sided"], "VERB"), (["effusion", "cm"], "NOUN")):
+        ruler.add(patterns=[[{"LOWER": {"IN": words}}]], attrs={"POS": tag})
+    return nlp
+
+
+def test_lexical_with_real_spacy_pipeline(bert_tokenizer: BertTokenizerFast) -> None:
+    spacy = pytest.importorskip("spacy")
+    phrase = "small left-sided 3.5 cm effusion."
+    tagger = SpacyTagger(rule_tagged_spacy_pipeline(spacy), "scispacy:rules")
+
+    selection = _select(bert_tokenizer, phrase, "lexical", tagger=tagger)
+
+    # spaCy splits the hyphen off as its own token. The untagged "3.5" and "." are not kept.
+    assert selection.words == ("small", "left", "sided", "cm", "effusion")
+    assert _tokens_at(bert_tokenizer, phrase, selection.positions) == ["small", "left", "sided", "cm", "effusion"]
+
+
 @pytest.fixture
 def fake_spacy_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Install a stand-in `spacy` module whose `load` finds only en_core_sci_sm."""
