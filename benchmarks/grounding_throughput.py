@@ -63,7 +63,7 @@ DEMO_UNET_CONFIG = {
     "norm_num_groups": 8,
 }
 # Stable Diffusion 1.5: the diffusers defaults with a 64x64 latent and 768-d text features.
-# NOTE: The --sd15 measurement has not been run yet, on a GPU or elsewhere.
+# NOTE: --sd15 has run only on the CPU at T = 10 (docs/benchmarks.md), never on a GPU.
 SD15_UNET_CONFIG = {"sample_size": 64, "cross_attention_dim": 768}
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,

@@ -142,7 +142,7 @@ def draw_noise(
         float32 CPU tensor of `shape`.
     """
     entropy = [seed, pair_seed, int(stream), step_index]
-    generator_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+    generator_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]) >> 1
     generator = torch.Generator().manual_seed(generator_seed)
     return torch.randn(*shape, generator=generator)
 

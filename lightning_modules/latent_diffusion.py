@@ -223,7 +223,7 @@ class LatentDiffusionModule(L.LightningModule):
         micro_batch = batch_idx % accumulation
         seed_sequence = np.random.SeedSequence([self.hparams.seed, self.global_step, micro_batch, self.global_rank])
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(int(seed_sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+        generator.manual_seed(int(seed_sequence.generate_state(1, dtype=np.uint64)[0]) >> 1)
         return generator
 
     def drop_captions(self, captions: list[str], generator: torch.Generator) -> list[str]:
