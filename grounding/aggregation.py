@@ -9,8 +9,8 @@ findings have different numbers of pairs:
 - `pair_mean`: the plain mean over pairs (each finding mean weighted by n_c).
 - `finding_mean`: the unweighted mean of the finding means.
 
-NaN values (e.g. AUC-ROC of a single-class ground truth) are left out of every mean and
-counted. n_c counts the pairs of a finding with a defined value of that metric.
+NaN values (e.g. AUC-ROC and CNR of an empty or full-image ground truth) are left out of
+every mean and counted. n_c counts the pairs of a finding with a defined value of that metric.
 """
 
 import dataclasses

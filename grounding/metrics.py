@@ -13,6 +13,10 @@ Top-1 and AUC-ROC are the same in both. When a binary mask is empty, the referen
 Generate to Ground sets every metric of the pair to 0, even the threshold-free ones;
 `score_pair` reports that convention (`zero_all`) next to one that keeps the
 threshold-free metrics (`keep_threshold_free`).
+
+A ground truth without pixels (e.g. every box fell outside the crop) is scored, not
+rejected, so that aggregates count it: AUC-ROC and CNR are NaN, Top-1 is 0, mIoU follows
+its definition, and the pair's issues contain `empty_gt`.
 """
 
 import logging
@@ -37,6 +41,20 @@ class MetricConvention(str, Enum):
     GMM_MIOU = "gmm_miou"
     MULTI_THRESHOLD = "multi_threshold"
 
+    @property
+    def description(self) -> str:
+        """One-sentence definition of mIoU and CNR under this convention, for table captions."""
+        return {
+            MetricConvention.GMM_MIOU: (
+                "mIoU is the mean of the foreground and background Jaccard indices of the GMM mask, "
+                "and CNR compares the map inside and outside the union of the boxes."
+            ),
+            MetricConvention.MULTI_THRESHOLD: (
+                "mIoU is the foreground IoU of the min-max map thresholded at 0.1, 0.2, 0.3, 0.4 and 0.5, "
+                "averaged, and CNR is computed per box against outside all boxes, then averaged."
+            ),
+        }[self]
+
 
 @unique
 class EmptyMaskPolicy(str, Enum):
@@ -58,7 +76,10 @@ class PairMetrics:
         top1: 1.0 when the map's argmax lies in the ground truth, else 0.0.
         auc_roc: Area under the ROC curve of the map's values against the ground truth.
         mask_empty: Whether the pair's binary mask was empty.
-        issues: Names of the values that are NaN or were forced, e.g. `auc_single_class`.
+        issues: Flags of the pair's degenerate inputs and undefined values, in this order
+            when present: `empty_gt` (the ground truth has no pixel), `non_finite_map`,
+            `constant_map`, `auc_single_class` (AUC-ROC is NaN), `cnr_undefined` (CNR is
+            NaN) and `mask_empty`.
         convention: Definitions used for mIoU and CNR.
         empty_mask_policy: Policy applied when `mask_empty`.
     """
@@ -119,7 +140,8 @@ def foreground_background_miou(mask: np.ndarray, gt_mask: np.ndarray) -> float:
 
     Returns:
         (IoU(mask, gt) + IoU(not mask, not gt)) / 2 in [0, 1]. A pair of empty sets counts
-        as IoU 1.0, which happens for the backgrounds when both masks cover the image.
+        as IoU 1.0, which happens for the backgrounds when both masks cover the image and
+        for the foregrounds when both are empty.
     """
     return (jaccard_index(mask, gt_mask) + jaccard_index(~mask, ~gt_mask)) / 2.0
 
@@ -132,7 +154,9 @@ def multi_threshold_iou(normalized_map: np.ndarray, gt_mask: np.ndarray) -> floa
         gt_mask: Boolean ground-truth mask [H, W].
 
     Returns:
-        The mean foreground IoU in [0, 1].
+        The mean foreground IoU in [0, 1]. A threshold with neither a pixel above it nor a
+        ground-truth pixel scores 1.0, as in `jaccard_index`, so an empty ground truth gives
+        0.0 for a min-max map with any contrast and 1.0 for a constant map.
     """
     scores = [jaccard_index(normalized_map > threshold, gt_mask) for threshold in IOU_THRESHOLDS]
     return float(np.mean(scores))
@@ -208,8 +232,6 @@ def _check_inputs(
             "upsample the map to the image size first."
         )
     gt_mask = gt_mask.astype(bool)
-    if not gt_mask.any():
-        raise ValueError("gt_mask is empty; a grounding pair needs at least one box inside the image.")
 
     if mask is not None:
         mask = np.asarray(mask).astype(bool)
@@ -263,6 +285,37 @@ def _both_policies(metrics_kept: PairMetrics) -> PairScores:
     return PairScores(zero_all=zeroed, keep_threshold_free=metrics_kept)
 
 
+def _gmm_miou_and_cnr(
+    activation_map: np.ndarray, gt_mask: np.ndarray, mask: np.ndarray | None
+) -> tuple[float, float, float, bool]:
+    # Returns mIoU, CNR, signed CNR and whether the mask is empty.
+    if mask is None:
+        raise ValueError("score_pair needs the binary mask for the gmm_miou convention; pass mask=.")
+    mask_empty = not bool(mask.any())
+    miou = foreground_background_miou(mask, gt_mask)
+    cnr_signed = contrast_to_noise(activation_map, gt_mask, ~gt_mask)
+    return miou, abs(cnr_signed), cnr_signed, mask_empty
+
+
+def _multi_threshold_miou_and_cnr(
+    activation_map: np.ndarray, gt_mask: np.ndarray, box_masks: np.ndarray | None, constant_map: bool
+) -> tuple[float, float, float]:
+    # Returns mIoU, CNR and signed CNR.
+    normalized = activation_map - activation_map.min()
+    if not constant_map:
+        normalized = normalized / normalized.max()
+    miou = multi_threshold_iou(normalized, gt_mask)
+    boxes = box_masks if box_masks is not None else gt_mask[None]
+    outside_all = ~boxes.any(axis=0)
+
+    # Each box against everything outside all boxes; the absolute value is taken per box.
+    per_box = np.array([contrast_to_noise(activation_map, box, outside_all) for box in boxes])
+    defined = per_box[~np.isnan(per_box)]
+    cnr_signed = float(defined.mean()) if defined.size else float("nan")
+    cnr = float(np.abs(defined).mean()) if defined.size else float("nan")
+    return miou, cnr, cnr_signed
+
+
 def score_pair(
     activation_map: np.ndarray,
     gt_mask: np.ndarray,
@@ -272,10 +325,18 @@ def score_pair(
 ) -> PairScores:
     """Score one pair's map under both empty-mask policies.
 
+    An empty `gt_mask` (no pixel, e.g. every box fell outside the crop) is scored like a
+    single-class ground truth and flagged `empty_gt`: AUC-ROC is NaN, CNR is NaN because
+    nothing lies inside, and Top-1 is 0 because no argmax can lie inside. mIoU follows its
+    definition with 0/0 = 1 (see `jaccard_index`). Under `gmm_miou` an empty gt gives
+    (1 + 1) / 2 = 1.0 for an empty mask and (0 + |not mask| / (H * W)) / 2 otherwise, and
+    `zero_all` still zeroes every metric of an empty mask. Under `multi_threshold` it gives
+    0.0 for a map with any contrast and 1.0 for a constant map.
+
     Args:
         activation_map: Map [H, W] at image resolution, normally the upsampled min-max map
             in [0, 1]. CNR, Top-1 and AUC are invariant to a positive affine rescaling.
-        gt_mask: Boolean ground truth [H, W], the union of the pair's boxes.
+        gt_mask: Boolean ground truth [H, W], the union of the pair's boxes; may be empty.
         mask: Boolean binary mask [H, W] of the map (e.g. the upsampled GMM mask); needed
             for `gmm_miou`, ignored by `multi_threshold`.
         convention: Definitions of mIoU and CNR.
@@ -287,7 +348,7 @@ def score_pair(
         reference) and with the threshold-free metrics kept (`keep_threshold_free`).
 
     Raises:
-        ValueError: On mismatched shapes, an empty ground truth, or a missing `mask` under
+        ValueError: On mismatched shapes, an unknown convention, or a missing `mask` under
             `gmm_miou`.
     """
     convention = MetricConvention(convention)
@@ -297,20 +358,27 @@ def score_pair(
     if not np.issubdtype(sort_map.dtype, np.floating):
         sort_map = sort_map.astype(np.float64)
     activation_map, gt_mask, mask, box_masks = _check_inputs(activation_map, gt_mask, mask, box_masks)
-    issues: list[str] = []
+    gt_empty = not bool(gt_mask.any())
+    issues: list[str] = ["empty_gt"] if gt_empty else []
 
     # A NaN or infinite map has no defined metric; the caller counts it instead of crashing.
     if not np.all(np.isfinite(activation_map)):
         nan = float("nan")
         mask_empty = mask is not None and not bool(mask.any())
+        issues.append("non_finite_map")
         metrics_kept = PairMetrics(
-            nan, nan, nan, nan, nan, mask_empty, ("non_finite_map",), convention, EmptyMaskPolicy.KEEP_THRESHOLD_FREE
+            nan, nan, nan, nan, nan, mask_empty, tuple(issues), convention, EmptyMaskPolicy.KEEP_THRESHOLD_FREE
         )
         return _both_policies(metrics_kept)
 
     # Threshold-free metrics, shared by both conventions.
     constant_map = bool(activation_map.max() == activation_map.min())
-    top1 = float("nan") if constant_map else top1_hit(activation_map, gt_mask)
+    if gt_empty:
+        # Every argmax misses an empty ground truth, so the tie-breaking of a constant map
+        # cannot change the result.
+        top1 = 0.0
+    else:
+        top1 = float("nan") if constant_map else top1_hit(activation_map, gt_mask)
     auc = auc_roc(sort_map, gt_mask)
     if constant_map:
         issues.append("constant_map")
@@ -319,26 +387,10 @@ def score_pair(
 
     # mIoU and CNR as the convention defines them.
     if convention is MetricConvention.GMM_MIOU:
-        if mask is None:
-            raise ValueError("score_pair needs the binary mask for the gmm_miou convention; pass mask=.")
-        mask_empty = not bool(mask.any())
-        miou = foreground_background_miou(mask, gt_mask)
-        cnr_signed = contrast_to_noise(activation_map, gt_mask, ~gt_mask)
-        cnr = abs(cnr_signed)
+        miou, cnr, cnr_signed, mask_empty = _gmm_miou_and_cnr(activation_map, gt_mask, mask)
     else:
-        normalized = activation_map - activation_map.min()
-        if not constant_map:
-            normalized = normalized / normalized.max()
+        miou, cnr, cnr_signed = _multi_threshold_miou_and_cnr(activation_map, gt_mask, box_masks, constant_map)
         mask_empty = False
-        miou = multi_threshold_iou(normalized, gt_mask)
-        boxes = box_masks if box_masks is not None else gt_mask[None]
-        outside_all = ~boxes.any(axis=0)
-
-        # Each box against everything outside all boxes; the absolute value is taken per box.
-        per_box = np.array([contrast_to_noise(activation_map, box, outside_all) for box in boxes])
-        defined = per_box[~np.isnan(per_box)]
-        cnr_signed = float(defined.mean()) if defined.size else float("nan")
-        cnr = float(np.abs(defined).mean()) if defined.size else float("nan")
     if math.isnan(cnr_signed):
         issues.append("cnr_undefined")
     if mask_empty:

@@ -1,6 +1,7 @@
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from grounding.aggregation import (
@@ -10,6 +11,7 @@ from grounding.aggregation import (
     format_mean_std,
     summarize_runs,
 )
+from grounding.metrics import score_pair
 
 
 def _records() -> list[dict[str, object]]:
@@ -41,6 +43,31 @@ def test_aggregate_nan_counted_and_skipped() -> None:
     # Edema has two defined AUCs, so n_c = 2: (2 * 1.6 + 1 * 0.5) / (2 * 2 + 1).
     assert result.overall[AggregateKind.WEIGHTED]["auc_roc"] == pytest.approx(3.7 / 5)
     assert result.overall[AggregateKind.PAIR_MEAN]["auc_roc"] == pytest.approx(2.1 / 3)
+
+
+def test_aggregate_counts_empty_gt_nans() -> None:
+    gt_mask = np.zeros((4, 4), bool)
+    gt_mask[:2, :2] = True
+    activation_map = np.zeros((4, 4))
+    activation_map[0, 0] = 1.0
+    mask = activation_map > 0.5
+    scored = score_pair(activation_map, gt_mask, mask).as_record()
+    empty_gt = score_pair(activation_map, np.zeros((4, 4), bool), mask).as_record()
+    records = [
+        {"pair_id": "p1", "finding": "Edema", **scored},
+        {"pair_id": "p2", "finding": "Edema", **empty_gt},
+    ]
+
+    result = aggregate(records, ["keep_threshold_free/auc_roc", "keep_threshold_free/cnr", "keep_threshold_free/top1"])
+
+    # AUC-ROC and CNR of the empty ground truth are counted as NaN and left out of the means.
+    assert result.nan_counts["keep_threshold_free/auc_roc"] == 1
+    assert result.nan_counts["keep_threshold_free/cnr"] == 1
+    assert result.findings["Edema"].means["keep_threshold_free/auc_roc"] == scored["keep_threshold_free/auc_roc"]
+    assert result.findings["Edema"].means["keep_threshold_free/cnr"] == pytest.approx(scored["keep_threshold_free/cnr"])
+    # Top-1 is defined (a miss), so it is averaged in: (1 + 0) / 2.
+    assert result.nan_counts["keep_threshold_free/top1"] == 0
+    assert result.findings["Edema"].means["keep_threshold_free/top1"] == 0.5
 
 
 def test_aggregate_infers_numeric_metrics() -> None:

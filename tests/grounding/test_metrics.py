@@ -180,6 +180,103 @@ def test_score_pair_full_gt_auc_nan() -> None:
     assert kept.miou == 1.0
 
 
+def _corner_map() -> np.ndarray:
+    activation_map = np.zeros((4, 4))
+    activation_map[0, 0] = 1.0
+    activation_map[3, 3] = 0.5
+    return activation_map
+
+
+def test_empty_gt_nonempty_mask_gmm() -> None:
+    empty_gt = np.zeros((4, 4), bool)
+    mask = np.zeros((4, 4), bool)
+    mask[0, :2] = True
+
+    scores = score_pair(_corner_map(), empty_gt, mask)
+
+    kept = scores.keep_threshold_free
+    # Foreground IoU 0 / 2, and background IoU 14 / 16 (the unmasked pixels of the image).
+    assert kept.miou == pytest.approx((0.0 + 14 / 16) / 2)
+    assert kept.top1 == 0.0
+    assert math.isnan(kept.auc_roc)
+    assert math.isnan(kept.cnr)
+    assert math.isnan(kept.cnr_signed)
+    assert not kept.mask_empty
+    assert kept.issues == ("empty_gt", "auc_single_class", "cnr_undefined")
+    # A mask with pixels is not zeroed, so the reference policy keeps the NaNs.
+    zeroed = scores.zero_all
+    assert zeroed.miou == kept.miou
+    assert zeroed.top1 == 0.0
+    assert math.isnan(zeroed.auc_roc)
+    assert math.isnan(zeroed.cnr)
+    assert zeroed.issues == kept.issues
+
+
+def test_empty_gt_empty_mask_gmm() -> None:
+    empty_gt = np.zeros((4, 4), bool)
+
+    scores = score_pair(_corner_map(), empty_gt, np.zeros((4, 4), bool))
+
+    kept = scores.keep_threshold_free
+    # Both foregrounds empty (0/0 counts 1.0) and both backgrounds the whole image.
+    assert kept.miou == 1.0
+    assert kept.top1 == 0.0
+    assert math.isnan(kept.auc_roc)
+    assert math.isnan(kept.cnr)
+    assert kept.mask_empty
+    assert kept.issues == ("empty_gt", "auc_single_class", "cnr_undefined", "mask_empty")
+    assert scores.zero_all.values() == {"miou": 0.0, "cnr": 0.0, "cnr_signed": 0.0, "top1": 0.0, "auc_roc": 0.0}
+    assert scores.zero_all.issues == kept.issues
+
+
+def test_empty_gt_constant_map_top1_zero() -> None:
+    kept = score_pair(np.ones((4, 4)), np.zeros((4, 4), bool), np.zeros((4, 4), bool)).keep_threshold_free
+
+    assert kept.top1 == 0.0
+    assert kept.issues == ("empty_gt", "constant_map", "auc_single_class", "cnr_undefined", "mask_empty")
+
+
+def test_empty_gt_multi_threshold() -> None:
+    empty_gt = np.zeros((4, 4), bool)
+    # A box wholly outside the 4x4 image rasterizes to no pixel.
+    outside_box = rasterize_boxes([(5.0, 5.0, 2.0, 2.0)], (4, 4))
+
+    scores = score_pair(_corner_map(), empty_gt, convention="multi_threshold", box_masks=outside_box)
+    constant = score_pair(np.full((4, 4), 0.3), empty_gt, convention="multi_threshold").keep_threshold_free
+
+    kept = scores.keep_threshold_free
+    # The min-max map reaches 1.0 at (0, 0), above every threshold, so each IoU is 0 / n.
+    assert kept.miou == 0.0
+    assert kept.top1 == 0.0
+    assert math.isnan(kept.auc_roc)
+    assert math.isnan(kept.cnr)
+    assert math.isnan(kept.cnr_signed)
+    assert kept.issues == ("empty_gt", "auc_single_class", "cnr_undefined")
+    assert scores.zero_all.miou == 0.0
+    assert math.isnan(scores.zero_all.auc_roc)
+    # A constant map has no pixel above any threshold, so every IoU is 0/0 = 1.0.
+    assert constant.miou == 1.0
+    assert constant.top1 == 0.0
+    assert "constant_map" in constant.issues
+
+
+def test_empty_gt_nan_map_flagged() -> None:
+    activation_map = np.full((4, 4), np.nan)
+
+    kept = score_pair(activation_map, np.zeros((4, 4), bool), np.zeros((4, 4), bool)).keep_threshold_free
+
+    assert kept.issues == ("empty_gt", "non_finite_map")
+    assert math.isnan(kept.top1)
+
+
+def test_empty_gt_record_issues() -> None:
+    record = score_pair(_corner_map(), np.zeros((4, 4), bool), np.zeros((4, 4), bool)).as_record()
+
+    assert record["issues"].split(";")[0] == "empty_gt"
+    assert math.isnan(record["keep_threshold_free/auc_roc"])
+    assert record["zero_all/auc_roc"] == 0.0
+
+
 def test_score_pair_nan_map_not_raising() -> None:
     gt_mask = _top_left_gt()
     activation_map = np.full((4, 4), np.nan)
@@ -245,8 +342,6 @@ def test_rasterize_boxes_rejects_invalid(box: tuple[float, ...]) -> None:
 def test_score_pair_input_guards() -> None:
     gt_mask = _top_left_gt()
 
-    with pytest.raises(ValueError, match="gt_mask is empty"):
-        score_pair(np.zeros((4, 4)), np.zeros((4, 4), bool), gt_mask)
     with pytest.raises(ValueError, match="upsample"):
         score_pair(np.zeros((2, 2)), gt_mask, gt_mask)
     with pytest.raises(ValueError, match="pass mask"):
