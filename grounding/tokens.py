@@ -68,6 +68,12 @@ DISEASE_KEYWORDS: dict[str, tuple[str, ...]] = {
     "pleural effusion": ("effusion",),
     "pneumonia": ("pneumoni",),
     "pneumothorax": ("pneumothora",),
+    # ChestX-ray14 box findings whose names differ from the MS-CXR ones.
+    "effusion": ("effusion",),
+    "infiltrate": ("infiltrat",),
+    "infiltration": ("infiltrat",),
+    "mass": ("mass",),
+    "nodule": ("nodul",),
 }
 
 
@@ -217,11 +223,28 @@ def _all_content_positions(
 
 
 def _finding_keywords(finding: str | None) -> tuple[str, ...]:
+    """Return the keyword stems of a finding, or () for a finding without keywords.
+
+    Raises:
+        ValueError: If `finding` is None or blank.
+    """
     key = " ".join((finding or "").lower().split())
-    if key not in DISEASE_KEYWORDS:
-        known = ", ".join(sorted(DISEASE_KEYWORDS))
-        raise ValueError(f"Disease token selection needs an MS-CXR finding, got {finding!r}; expected one of: {known}.")
-    return DISEASE_KEYWORDS[key]
+    if not key:
+        raise ValueError("Disease token selection needs the pair's finding name, got none.")
+    keywords = DISEASE_KEYWORDS.get(key, ())
+    if not keywords:
+        _warn_unknown_finding(key)
+    return keywords
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unknown_finding(finding: str) -> None:
+    # Cached, so that each unknown finding is logged once per process and not once per pair.
+    logger.warning(
+        "Finding %r has no disease keywords (known: %s). Disease token selection uses all word tokens for it.",
+        finding,
+        ", ".join(sorted(DISEASE_KEYWORDS)),
+    )
 
 
 def select_tokens(
@@ -252,7 +275,8 @@ def select_tokens(
         attention_mask: 1 for the start token, the phrase's tokens and the end token, 0 for
             padding; same length as `offsets`.
         strategy: Selection rule.
-        finding: MS-CXR finding name (e.g. "Lung Opacity"); required for `disease`.
+        finding: Finding name (e.g. "Lung Opacity"), required for `disease`. A finding without
+            keywords in `DISEASE_KEYWORDS` falls back to all tokens, with a warning.
         tagger: A spaCy pipeline to use for `lexical` in place of the installed one.
         load_tagger: Whether `lexical` may load an installed ScispaCy model when `tagger` is
             None; False forces the function-word filter.
@@ -262,7 +286,7 @@ def select_tokens(
 
     Raises:
         ValueError: If offsets and mask do not fit each other or the phrase, the phrase has
-            no token between start and end, or `disease` gets an unknown finding.
+            no token between start and end, or `disease` gets no finding.
     """
     strategy = TokenStrategy(strategy)
     spans, end_position = _normalize_offsets(phrase, offsets, attention_mask)
@@ -297,6 +321,8 @@ def select_tokens(
         chosen_words = [word for word in words if any(keyword in word.text.lower() for keyword in keywords)]
         first_token_only = False
         no_match_reason = f"no word of {phrase!r} contains a keyword of {finding!r} {keywords}"
+        if not keywords:
+            no_match_reason = f"finding {finding!r} has no disease keywords"
 
     # Map each chosen word to its tokens by character overlap.
     positions: list[int] = []

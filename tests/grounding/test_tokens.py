@@ -159,11 +159,25 @@ def test_disease_finding_spelling_normalized(bert_tokenizer: BertTokenizerFast) 
     assert selection.words == ("effusion",)
 
 
-def test_disease_unknown_finding_raises(bert_tokenizer: BertTokenizerFast) -> None:
-    with pytest.raises(ValueError, match="expected one of"):
-        _select(bert_tokenizer, "small effusion", "disease", finding="Fracture")
-    with pytest.raises(ValueError, match="MS-CXR finding, got None"):
+def test_disease_unknown_finding_falls_back(bert_tokenizer: BertTokenizerFast, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="grounding.tokens"):
+        selection = _select(bert_tokenizer, "small effusion", "disease", finding="Fracture")
+
+    assert selection.positions == (1, 2)
+    assert selection.fallback == "finding 'Fracture' has no disease keywords"
+    assert "fracture" in caplog.text
+
+
+def test_disease_without_finding_raises(bert_tokenizer: BertTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="needs the pair's finding name"):
         _select(bert_tokenizer, "small effusion", "disease")
+
+
+def test_disease_chestxray14_finding_names(bert_tokenizer: BertTokenizerFast) -> None:
+    selection = _select(bert_tokenizer, "small left-sided effusion", "disease", finding="Effusion")
+
+    assert selection.words == ("effusion",)
+    assert selection.fallback is None
 
 
 def test_lexical_no_content_falls_back(bert_tokenizer: BertTokenizerFast) -> None:
