@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -133,13 +133,18 @@ class GroundingEvaluator:
     """
 
     def __init__(self, engine_config: GroundingConfig, settings: EvaluationSettings) -> None:
-        engine_config.bimodal_bias_merging = bool(settings.bbm_variants)
+        # Copies, so that the caller's config keeps the windows and BBM switch it asked for.
+        self.main_config = replace(
+            engine_config,
+            bimodal_bias_merging=False,
+            extra_timestep_windows=list(engine_config.extra_timestep_windows),
+        )
+        self.engine_config = replace(self.main_config, bimodal_bias_merging=bool(settings.bbm_variants))
         if settings.bbm_variants:
             # The image and text biases of BBM average every timestep, not only the main window.
             all_steps = engine_config.num_inference_steps
-            if all_steps not in engine_config.timestep_windows:
-                engine_config.extra_timestep_windows = [*engine_config.extra_timestep_windows, all_steps]
-        self.engine_config = engine_config
+            if all_steps not in self.engine_config.timestep_windows:
+                self.engine_config.extra_timestep_windows = [*self.engine_config.extra_timestep_windows, all_steps]
         self.settings = settings
         self.failed_pairs: list[tuple[str, str]] = []
 
@@ -184,36 +189,44 @@ class GroundingEvaluator:
         texts = list(phrases if phrases is not None else batch["phrases"])
         findings = list(batch["findings"])
         pair_ids = list(batch["pair_ids"])
+        results: list[list[ScoredMap]] = [[] for _ in pair_ids]
 
-        # Conditioning, token selections and the sampling pass.
+        # Conditioning and token selections. A pair whose phrase cannot be tokenized is left out.
         hidden_states, encoded = encode_text(texts)
         uncond_states, _ = encode_text([""])
         attention_masks = encoded.attention_mask.detach().cpu().tolist()
-        selections = [
-            self.select(text, encoded.offsets[row], attention_masks[row], findings[row]) for row, text in enumerate(texts)
-        ]
+        rows, selections = [], []
+        for row, text in enumerate(texts):
+            try:
+                selections.append(self.select(text, encoded.offsets[row], attention_masks[row], findings[row]))
+            except ValueError as error:
+                self._record_failure(pair_ids[row], main_method, error)
+                continue
+            rows.append(row)
+        if not rows:
+            return results
+
+        # One sampling pass for the remaining pairs. The controls need the main map alone, so
+        # they skip the text run of Bimodal Bias Merging and the extra windows.
         main_name = self.settings.token_strategy.value
+        config = self.main_config if only_main else self.engine_config
         token_sets = [{main_name: list(selection[main_name].positions)} for selection in selections]
-        engine = GroundingEngine(unet, scheduler_config, self.engine_config)
+        engine = GroundingEngine(unet, scheduler_config, config)
         summaries = engine.run(
-            latents,
-            hidden_states,
+            latents[rows],
+            hidden_states[rows],
             uncond_states,
-            token_sets if self.engine_config.bimodal_bias_merging else None,
-            [pair_seed_from_id(pair_id) for pair_id in pair_ids],
+            token_sets if config.bimodal_bias_merging else None,
+            [pair_seed_from_id(pair_ids[row]) for row in rows],
         )
 
-        results = []
-        for row, summary in enumerate(summaries):
+        for row, summary, selection in zip(rows, summaries, selections):
             gt_mask = np.asarray(batch["gt_masks"][row].detach().cpu().numpy(), dtype=bool)
             boxes = batch["boxes"][row] if "boxes" in batch else []
             try:
-                scored = self._score_pair_maps(summary, selections[row], gt_mask, boxes, main_method, only_main)
+                scored = self._score_pair_maps(summary, selection, gt_mask, boxes, main_method, only_main)
             except ValueError as error:
-                # One bad pair (for example boxes that vanished in the crop) must not end the run.
-                log.warning("Skipping grounding pair %s (%s): %s", pair_ids[row], main_method, error)
-                self.failed_pairs.append((pair_ids[row], str(error)))
-                results.append([])
+                self._record_failure(pair_ids[row], main_method, error)
                 continue
             context = {
                 "pair_id": pair_ids[row],
@@ -221,15 +234,20 @@ class GroundingEvaluator:
                 "phrase": texts[row],
             }
             for item in scored:
-                selection = selections[row].get(item.record.get("token_strategy", main_name))
+                item_selection = selection.get(item.record.get("token_strategy", main_name))
                 item.record.update(context)
-                if selection is not None:
-                    item.record.setdefault("token_strategy", selection.strategy.value)
-                    item.record["tokens"] = " ".join(str(position) for position in selection.positions)
-                    item.record["words"] = " ".join(selection.words)
-                    item.record["tagger"] = selection.tagger
-            results.append(scored)
+                if item_selection is not None:
+                    item.record.setdefault("token_strategy", item_selection.strategy.value)
+                    item.record["tokens"] = " ".join(str(position) for position in item_selection.positions)
+                    item.record["words"] = " ".join(item_selection.words)
+                    item.record["tagger"] = item_selection.tagger
+            results[row] = scored
         return results
+
+    def _record_failure(self, pair_id: str, method: str, error: Exception) -> None:
+        # One bad pair (for example boxes that vanished in the crop) must not end the run.
+        log.warning("Skipping grounding pair %s (%s): %s", pair_id, method, error)
+        self.failed_pairs.append((pair_id, str(error)))
 
     def _score_pair_maps(
         self,
@@ -248,18 +266,25 @@ class GroundingEvaluator:
         # The main map, then Bimodal Bias Merging of it.
         p_comb = maps.combined_map(summary, main_tokens).cpu().numpy()
         latent_maps.append((main_method, p_comb, {"token_strategy": main_name}))
-        if not only_main:
+        if not only_main and settings.bbm_variants:
             all_steps = summary.num_inference_steps
+            bbm_inputs = (
+                p_comb,
+                maps.product_map(summary, main_name, window=all_steps).cpu().numpy(),
+                maps.image_bias_mean(summary, window=all_steps).cpu().numpy(),
+                maps.text_bias_mean(summary, main_name, window=all_steps).cpu().numpy(),
+            )
+            finite = all(np.isfinite(array).all() for array in bbm_inputs)
             for variant in settings.bbm_variants:
-                merged = bimodal_bias_merge(
-                    p_comb,
-                    maps.product_map(summary, main_name, window=all_steps).cpu().numpy(),
-                    maps.image_bias_mean(summary, window=all_steps).cpu().numpy(),
-                    maps.text_bias_mean(summary, main_name, window=all_steps).cpu().numpy(),
-                    variant,
-                )
-                extra = {"token_strategy": main_name, "bbm_similarity": merged.similarity}
-                latent_maps.append((f"bbm/{variant.value}", merged.merged, extra))
+                if finite:
+                    merged = bimodal_bias_merge(*bbm_inputs, variant)
+                    merged_map, similarity = merged.merged, merged.similarity
+                else:
+                    # A NaN map is scored and flagged like a non-finite P_comb, so the pair keeps
+                    # its other methods and counts the same with BBM on or off.
+                    merged_map, similarity = np.full_like(p_comb, np.nan), float("nan")
+                extra = {"token_strategy": main_name, "bbm_similarity": similarity}
+                latent_maps.append((f"bbm/{variant.value}", merged_map, extra))
 
         # Ablations from the same pass: other strategies, other windows, the image bias, the prior.
         if not only_main:
@@ -267,7 +292,8 @@ class GroundingEvaluator:
                 if name != main_name:
                     strategy_map = maps.combined_map(summary, list(selection.positions)).cpu().numpy()
                     latent_maps.append((f"tokens/{name}", strategy_map, {"token_strategy": name}))
-            for window in summary.timestep_windows:
+            # Only the requested windows: the all-steps window that BBM adds is not an ablation.
+            for window in self.main_config.timestep_windows:
                 if window != summary.main_window:
                     window_map = maps.combined_map(summary, main_tokens, window=window).cpu().numpy()
                     latent_maps.append((f"window/{window}", window_map, {"token_strategy": main_name}))

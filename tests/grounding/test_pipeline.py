@@ -1,0 +1,140 @@
+"""GroundingEvaluator on a tiny module: failures stay per pair, and configs stay as given."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from grounding.engine import GroundingConfig
+from grounding.pipeline import MAIN_METHOD, EvaluationSettings, GroundingEvaluator
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+SIDE = 32
+
+
+@pytest.fixture(scope="module")
+def module(tiny_bert_dir: Any) -> LatentDiffusionModule:
+    from tests.helpers.models import tiny_unet_config
+
+    torch.manual_seed(0)
+    return LatentDiffusionModule(
+        unet_config=tiny_unet_config(),
+        latent="identity",
+        text_encoder_name_or_path=str(tiny_bert_dir),
+        text_encoder_type="auto",
+        text_encoder_revision=None,
+        ema_warmup=False,
+    ).eval()
+
+
+def make_batch(phrases: list[str], findings: list[str]) -> dict[str, Any]:
+    gt_masks = torch.zeros(len(phrases), SIDE, SIDE, dtype=torch.bool)
+    gt_masks[:, 8:20, 4:14] = True
+    return {
+        "phrases": phrases,
+        "findings": findings,
+        "pair_ids": [f"pair-{index}" for index in range(len(phrases))],
+        "gt_masks": gt_masks,
+        "boxes": [[(4.0, 8.0, 10.0, 12.0)] for _ in phrases],
+    }
+
+
+def engine_config() -> GroundingConfig:
+    return GroundingConfig(num_inference_steps=4, timestep_window=2, steps_per_forward=2)
+
+
+def evaluate(
+    module: LatentDiffusionModule,
+    evaluator: GroundingEvaluator,
+    batch: dict[str, Any],
+    latents: torch.Tensor,
+    **kwargs: Any,
+) -> list[list[Any]]:
+    def encode(texts: list[str]) -> tuple[torch.Tensor, Any]:
+        return module.encode_text(texts, use_ema=True)
+
+    return evaluator.evaluate_batch(module.ema_unet, module.noise_scheduler.config, encode, latents, batch, **kwargs)
+
+
+def count_unet_rows(unet: torch.nn.Module) -> tuple[list[int], Any]:
+    rows: list[int] = []
+    handle = unet.register_forward_pre_hook(lambda _, inputs: rows.append(inputs[0].shape[0]))
+    return rows, handle
+
+
+def test_untokenizable_phrase_fails_alone(module: LatentDiffusionModule) -> None:
+    evaluator = GroundingEvaluator(engine_config(), EvaluationSettings(bbm_variants=[]))
+    batch = make_batch(["", "small left pleural effusion"], ["Pleural Effusion", "Pleural Effusion"])
+
+    results = evaluate(module, evaluator, batch, torch.randn(2, 3, SIDE, SIDE))
+
+    assert results[0] == []
+    assert [pair_id for pair_id, _ in evaluator.failed_pairs] == ["pair-0"]
+    assert results[1][0].record["method"] == MAIN_METHOD
+    assert results[1][0].record["pair_id"] == "pair-1"
+
+
+def test_unknown_finding_is_scored(module: LatentDiffusionModule) -> None:
+    evaluator = GroundingEvaluator(engine_config(), EvaluationSettings(bbm_variants=[]))
+    batch = make_batch(["nodule in the right lung", "left lung opacity"], ["Nodule", "Unlisted Finding"])
+
+    results = evaluate(module, evaluator, batch, torch.randn(2, 3, SIDE, SIDE))
+
+    assert evaluator.failed_pairs == []
+    disease = {row[0].record["pair_id"]: item.record for row in results for item in row if item.method == "tokens/disease"}
+    # Words repeat once per subword token, because disease filtering keeps all of them.
+    assert set(disease["pair-0"]["words"].split()) == {"nodule"}
+    assert set(disease["pair-1"]["words"].split()) == {"left", "lung", "opacity"}
+
+
+def test_non_finite_pair_keeps_bbm_methods(module: LatentDiffusionModule) -> None:
+    evaluator = GroundingEvaluator(engine_config(), EvaluationSettings(bbm_variants=["bezier", "linear"]))
+    plain = GroundingEvaluator(engine_config(), EvaluationSettings(bbm_variants=[]))
+    batch = make_batch(["small left pleural effusion"] * 2, ["Pleural Effusion"] * 2)
+    latents = torch.randn(2, 3, SIDE, SIDE)
+    latents[0] = float("nan")
+
+    results = evaluate(module, evaluator, batch, latents)
+    plain_results = evaluate(module, plain, batch, latents)
+
+    assert evaluator.failed_pairs == []
+    methods = [item.method for item in results[0]]
+    assert methods == [item.method for item in results[1]]
+    assert {"bbm/bezier", "bbm/linear"} <= set(methods)
+    merged = next(item.record for item in results[0] if item.method == "bbm/bezier")
+    assert merged["mask_flag"] == "non_finite_map"
+    assert math.isnan(merged["bbm_similarity"])
+    assert merged["zero_all/miou"] == 0.0
+    assert next(item.record for item in results[1] if item.method == "bbm/bezier")["mask_flag"] == "ok"
+    assert [item.method for item in plain_results[0]] == [method for method in methods if not method.startswith("bbm/")]
+
+
+def test_evaluator_leaves_config_unchanged(module: LatentDiffusionModule) -> None:
+    config = engine_config()
+
+    evaluator = GroundingEvaluator(config, EvaluationSettings())
+
+    assert config.bimodal_bias_merging is False
+    assert config.extra_timestep_windows == []
+    assert evaluator.engine_config.bimodal_bias_merging is True
+    assert 4 in evaluator.engine_config.timestep_windows
+
+
+def test_control_pass_skips_text_run(module: LatentDiffusionModule) -> None:
+    evaluator = GroundingEvaluator(engine_config(), EvaluationSettings())
+    batch = make_batch(["small left pleural effusion"], ["Pleural Effusion"])
+    rows, handle = count_unet_rows(module.ema_unet)
+
+    try:
+        results = evaluate(module, evaluator, batch, torch.randn(1, 3, SIDE, SIDE), main_method="shuffled", only_main=True)
+    finally:
+        handle.remove()
+
+    # The window of 2 steps in one forward of 2 rows, without the Gaussian text run of BBM.
+    assert rows == [2]
+    assert [item.method for item in results[0]] == ["shuffled"]
+    assert np.isfinite(results[0][0].latent_map).all()
