@@ -231,9 +231,10 @@ class StreamingAttentionAccumulator(AttentionStore):
     def _buffer_image_bias(
         self, layer_position: int, steps: list[int], probs: torch.Tensor
     ) -> None:
-        # Start-token maps wait for the text run's step with the same index.
+        # Start-token maps wait for the text run's step with the same index. The copy lets the
+        # whole [P, Q, N] probabilities of the step be freed, where a view would keep them alive.
         for step, step_probs in zip(steps, probs):
-            self._image_bias_buffer[layer_position][step] = step_probs[..., START_TOKEN_POSITION]
+            self._image_bias_buffer[layer_position][step] = step_probs[..., START_TOKEN_POSITION].clone()
 
     def _add_products(
         self, layer_position: int, steps: list[int], segments: list[int], probs: torch.Tensor
