@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from callbacks.overlays import render_overlay, render_word_maps, side_by_side
+from grounding.capture import CaptureError
 from grounding.engine import GroundingConfig, pair_seed_from_id
 from grounding.pipeline import CENTER_PRIOR_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
 from grounding.results import HEADLINE_METRICS, summarize_records, write_results
@@ -220,8 +221,8 @@ class GroundingEvaluation(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # validate and test do not restore the loop progress, so trainer.global_step stays 0 there;
-        # the checkpoint's own step names their result folder instead.
+        # validate and test do not restore the loop progress, so trainer.global_step stays 0 there.
+        # The checkpoint's own step names their result folder instead.
         self._checkpoint_step = checkpoint.get("global_step")
 
     @override
@@ -290,6 +291,9 @@ class GroundingEvaluation(Callback):
                     only_main=True,
                 )
                 results = [pair + extra for pair, extra in zip(results, control)]
+        except CaptureError:
+            # A layer setup that loses the capture fails every batch alike, so it stops the run.
+            raise
         except (RuntimeError, ValueError) as error:
             self._failed_batches += 1
             log.error("Grounding failed on pairs %s: %s", list(batch["pair_ids"]), error)

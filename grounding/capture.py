@@ -106,6 +106,10 @@ def resolve_cross_attention_layers(
     return [name for name in available if name in selected]
 
 
+class CaptureError(RuntimeError):
+    """A configured cross-attention layer did not run through its capture processor."""
+
+
 class AttentionStore:
     """Receiver of head-averaged attention probabilities from the capture processors.
 
@@ -155,9 +159,9 @@ class AttentionStore:
         """Finish a forward pass and check that every configured layer was captured.
 
         Raises:
-            RuntimeError: If `begin_forward` was not called, or if a configured layer did not run
-                through its capture processor (for example because another processor replaced it
-                inside the capture context).
+            RuntimeError: If `begin_forward` was not called.
+            CaptureError: If a configured layer did not run through its capture processor (for
+                example because another processor replaced it inside the capture context).
         """
         if not self._in_forward:
             raise RuntimeError("end_forward was called without a matching begin_forward.")
@@ -170,7 +174,7 @@ class AttentionStore:
             if position not in self._called_layers
         ]
         if missing:
-            raise RuntimeError(
+            raise CaptureError(
                 f"Cross-attention layers {missing} were not captured in the last forward pass. "
                 "Another attention processor may have replaced the capture processor "
                 "(for example unet.set_attn_processor inside capture_cross_attention); "
@@ -218,18 +222,20 @@ class CrossAttentionCaptureProcessor:
 
     The math is that of diffusers' `AttnProcessor2_0` with the softmax written out: scores
     `Q K^T / sqrt(d)` plus the optional additive mask, softmax over keys (in float32 when the
-    layer upcasts), then the probabilities times V. Without rows to capture it calls the fused
-    `AttnProcessor2_0` instead.
+    layer upcasts), then the probabilities times V. Without rows to capture it calls the layer's
+    own processor instead (by default the fused `AttnProcessor2_0`).
 
     Args:
         store: The receiver of the probabilities.
         layer_position: Position of this layer in `store.layer_names`.
+        fallback: Processor for forward passes without rows to capture, usually the one this
+            processor replaces; None uses `AttnProcessor2_0`.
     """
 
-    def __init__(self, store: AttentionStore, layer_position: int) -> None:
+    def __init__(self, store: AttentionStore, layer_position: int, fallback: object | None = None) -> None:
         self.store = store
         self.layer_position = layer_position
-        self._fused_processor = AttnProcessor2_0()
+        self._fallback_processor = fallback if fallback is not None else AttnProcessor2_0()
 
     def __call__(
         self,
@@ -245,7 +251,7 @@ class CrossAttentionCaptureProcessor:
         self.store.mark_called(self.layer_position)
         rows = self.store.conditional_rows
         if rows is None:
-            return self._fused_processor(
+            return self._fallback_processor(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb
             )
 
@@ -342,8 +348,8 @@ def capture_cross_attention(unet: nn.Module, store: AttentionStore) -> Iterator[
 
     original_processors = [module.processor for module in attention_layers]
     try:
-        for position, module in enumerate(attention_layers):
-            module.set_processor(CrossAttentionCaptureProcessor(store, position))
+        for position, (module, original) in enumerate(zip(attention_layers, original_processors)):
+            module.set_processor(CrossAttentionCaptureProcessor(store, position, fallback=original))
         yield store
     finally:
         for module, processor in zip(attention_layers, original_processors):

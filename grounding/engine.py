@@ -215,7 +215,7 @@ class GroundingEngine:
 
         Raises:
             ValueError: If shapes, seeds or token sets are inconsistent or missing.
-            RuntimeError: If a configured layer was not captured.
+            CaptureError: If a configured layer was not captured (a RuntimeError).
         """
         self._check_inputs(latents, encoder_hidden_states, uncond_hidden_states, token_sets, pair_seeds)
         device = self.unet.device

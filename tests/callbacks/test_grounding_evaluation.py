@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from callbacks.grounding_evaluation import GroundingEvaluation, _drop_padding_duplicates, _phrase_pool
+from grounding.capture import CaptureError
 from grounding.pipeline import center_prior_map
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from tests.helpers.models import phantom_datamodule, quiet_trainer
@@ -74,6 +75,26 @@ def test_invalid_options_rejected() -> None:
         GroundingEvaluation(untrained_weights="pretrained")
     with pytest.raises(ValueError, match="sampling mode"):
         GroundingEvaluation(mode="ddpm")
+
+
+@pytest.mark.parametrize(("error", "reraised"), [(CaptureError("layer lost"), True), (RuntimeError("out of memory"), False)])
+def test_capture_error_stops_evaluation(error: Exception, reraised: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    callback = GroundingEvaluation(shuffled_caption=False)
+    callback._phrase_pool = []
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(callback.evaluator, "evaluate_batch", fail)
+    module = SimpleNamespace(encode_images=lambda pixels: pixels, ema_unet=None, noise_scheduler=SimpleNamespace(config={}))
+    batch = {"pair_ids": ["a"], "phrases": ["left effusion"], "findings": ["Pleural Effusion"], "pixel_values": None}
+
+    if reraised:
+        with pytest.raises(CaptureError):
+            callback._evaluate(SimpleNamespace(world_size=1), module, batch, with_controls=True)
+    else:
+        callback._evaluate(SimpleNamespace(world_size=1), module, batch, with_controls=True)
+        assert callback._failed_batches == 1
 
 
 def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict) -> None:

@@ -7,6 +7,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from grounding.capture import (
+    CaptureError,
     CrossAttentionCaptureProcessor,
     RecordingAttentionStore,
     capture_cross_attention,
@@ -87,6 +88,42 @@ def test_capture_without_rows_records_nothing(tiny_unet):
         store.end_forward()
 
     assert all(len(records) == 0 for records in store.records.values())
+
+
+class CountingProcessor(AttnProcessor2_0):
+    """The fused processor, counting its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        self.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_pass_without_rows_uses_original_processor(tiny_unet):
+    name = list_cross_attention_layers(tiny_unet)[0]
+    original = CountingProcessor()
+    dict(tiny_unet.named_modules())[name].set_processor(original)
+    store = RecordingAttentionStore([name])
+    latents, timesteps, encoder_hidden_states = _inputs()
+
+    try:
+        with torch.no_grad(), capture_cross_attention(tiny_unet, store):
+            store.begin_forward(None)
+            tiny_unet(latents, timesteps, encoder_hidden_states)
+            store.end_forward()
+            calls_without_rows = original.calls
+            store.begin_forward([0])
+            tiny_unet(latents, timesteps, encoder_hidden_states)
+            store.end_forward()
+    finally:
+        dict(tiny_unet.named_modules())[name].set_processor(AttnProcessor2_0())
+
+    assert calls_without_rows == 1
+    assert original.calls == 1
+    assert len(store.records[name]) == 1
 
 
 def test_captured_maps_are_probabilities(tiny_unet):
@@ -200,7 +237,7 @@ def test_replaced_processor_raises(tiny_unet):
         dict(tiny_unet.named_modules())[names[5]].set_processor(AttnProcessor2_0())
         store.begin_forward([0])
         tiny_unet(latents, timesteps, encoder_hidden_states)
-        with pytest.raises(RuntimeError, match=r"up_blocks\.1\.attentions\.0"):
+        with pytest.raises(CaptureError, match=r"up_blocks\.1\.attentions\.0"):
             store.end_forward()
 
     assert isinstance(tiny_unet.attn_processors[f"{names[5]}.processor"], AttnProcessor2_0)
