@@ -80,6 +80,9 @@ class GroundingEvaluation(Callback):
         num_overlays: Overlays logged per evaluation.
         num_token_figures: Pairs per evaluation shown with one map per word token.
         mask_seed: Seed of the Gaussian mixture of the binary masks.
+        compare_layer_resolutions: Also score each feature-map resolution's layers alone.
+        layer_subsets: Named ``attn2`` layer subsets (names or forward-order indices) scored from
+            the same pass, for example ``{"inner": [5, 6, 7]}``.
     """
 
     def __init__(
@@ -107,6 +110,8 @@ class GroundingEvaluation(Callback):
         num_overlays: int = 8,
         num_token_figures: int = 2,
         mask_seed: int = 0,
+        compare_layer_resolutions: bool = True,
+        layer_subsets: dict[str, list[str | int]] | None = None,
     ) -> None:
         super().__init__()
         if every_n_validations < 1:
@@ -135,6 +140,8 @@ class GroundingEvaluation(Callback):
             mask_seed=mask_seed,
             image_bias=image_bias,
             center_prior=center_prior,
+            compare_layer_resolutions=compare_layer_resolutions,
+            layer_subsets=dict(layer_subsets or {}),
         )
         self.evaluator = GroundingEvaluator(self.engine_config, self.settings)
         self.shuffled_caption = shuffled_caption
@@ -159,6 +166,11 @@ class GroundingEvaluation(Callback):
 
     # ----------------------------------------------------------------------------------------
     # Hooks.
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A misnamed layer subset stops the run here, before any training step.
+        self.evaluator.check_layers(pl_module.ema_unet)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

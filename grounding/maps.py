@@ -361,6 +361,25 @@ def _layer_positions(summary: AttentionSummary, layers: Sequence[str | int] | No
     return sorted(set(positions))
 
 
+def layers_by_resolution(summary: AttentionSummary) -> dict[str, list[int]]:
+    """Group the captured layers by the side of their feature map, for resolution ablations.
+
+    Returns:
+        ``res<h_l>`` -> layer positions in `summary.layer_names`, from the coarsest
+        resolution to the finest, for example ``{"res8": [6], "res16": [4, 5, 7, 8, 9], ...}``
+        for SD 1.5 at a 64x64 latent. Layers whose maps are not square are keyed by ``<h>x<w>``.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for position, sums in enumerate(summary.attention_sums):
+        groups.setdefault(tuple(sums.shape[-2:]), []).append(position)
+
+    named = {}
+    for height, width in sorted(groups):
+        name = f"res{height}" if height == width else f"{height}x{width}"
+        named[name] = groups[(height, width)]
+    return named
+
+
 def _check_tokens(tokens: Sequence[int], num_tokens: int) -> list[int]:
     if len(tokens) == 0:
         raise ValueError("The token selection is empty, but a map needs at least one token position.")

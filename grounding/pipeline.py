@@ -7,6 +7,8 @@
 - ``bbm/<variant>``: Bimodal Bias Merging of that map (when enabled);
 - ``tokens/<strategy>``: `P_comb` of every other token strategy (when compared);
 - ``window/<n>``: `P_comb` over the last n steps for each extra window;
+- ``layers/res<side>`` and ``layers/<name>``: `P_comb` of one resolution's layers, or of a
+  named layer subset;
 - ``image_bias``: the start-token map alone, which shows how much comes without the text;
 - ``center_prior``: a Gaussian at the image center, which needs no model at all.
 
@@ -26,6 +28,7 @@ import torch
 
 from grounding import maps
 from grounding.bbm import BBMVariant, bimodal_bias_merge
+from grounding.capture import resolve_cross_attention_layers
 from grounding.engine import GroundingConfig, GroundingEngine, pair_seed_from_id
 from grounding.masks import MapFlag, gmm_mask, upsample_map, upsample_mask
 from grounding.metrics import MetricConvention, score_pair
@@ -56,6 +59,10 @@ class EvaluationSettings:
         mask_seed: Seed of the Gaussian mixture of the binary masks.
         image_bias: Score the start-token map alone.
         center_prior: Score a Gaussian at the image center.
+        compare_layer_resolutions: Also score the main map of each feature-map resolution's
+            layers alone (``layers/res<side>``), when the captured layers span several.
+        layer_subsets: Named layer subsets to score from the same pass (``layers/<name>``), each a
+            list of ``attn2`` layer names or forward-order indices over all ``attn2`` layers.
     """
 
     token_strategy: TokenStrategy = TokenStrategy.LEXICAL
@@ -65,11 +72,18 @@ class EvaluationSettings:
     mask_seed: int = 0
     image_bias: bool = True
     center_prior: bool = True
+    compare_layer_resolutions: bool = True
+    layer_subsets: dict[str, list[str | int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.token_strategy = TokenStrategy(self.token_strategy)
         self.bbm_variants = [BBMVariant(variant) for variant in self.bbm_variants]
         self.metric_convention = MetricConvention(self.metric_convention)
+        for name, layers in self.layer_subsets.items():
+            if not name or "/" in name:
+                raise ValueError(f"Layer subset name {name!r} must be non-empty and without '/'.")
+            if not layers:
+                raise ValueError(f"Layer subset {name!r} is empty; list attn2 layer names or indices.")
 
 
 @dataclass
@@ -147,6 +161,27 @@ class GroundingEvaluator:
                 self.engine_config.extra_timestep_windows = [*self.engine_config.extra_timestep_windows, all_steps]
         self.settings = settings
         self.failed_pairs: list[tuple[str, str]] = []
+        self._subset_layers: dict[str, list[str]] | None = None
+
+    def check_layers(self, unet: torch.nn.Module) -> dict[str, list[str]]:
+        """Resolve the named layer subsets against a U-Net and return their layer names.
+
+        Raises:
+            ValueError: If a subset names a layer the U-Net lacks, or one that is not captured.
+        """
+        captured = set(resolve_cross_attention_layers(unet, self.engine_config.layers))
+        subsets = {}
+        for name, layers in self.settings.layer_subsets.items():
+            try:
+                names = resolve_cross_attention_layers(unet, layers)
+            except ValueError as error:
+                raise ValueError(f"Layer subset {name!r}: {error}") from error
+            missing = [layer for layer in names if layer not in captured]
+            if missing:
+                raise ValueError(f"Layer subset {name!r} needs layers {missing}, which the 'layers' option does not capture.")
+            subsets[name] = names
+        self._subset_layers = subsets
+        return subsets
 
     def select(self, phrase: str, offsets: Sequence[tuple[int, int]], attention_mask: Sequence[int], finding: str) -> dict[str, TokenSelection]:
         """Select the tokens of every compared strategy, the main one first."""
@@ -212,6 +247,8 @@ class GroundingEvaluator:
         config = self.main_config if only_main else self.engine_config
         token_sets = [{main_name: list(selection[main_name].positions)} for selection in selections]
         engine = GroundingEngine(unet, scheduler_config, config)
+        if self._subset_layers is None:
+            self.check_layers(unet)
         summaries = engine.run(
             latents[rows],
             hidden_states[rows],
@@ -297,6 +334,9 @@ class GroundingEvaluator:
                 if window != summary.main_window:
                     window_map = maps.combined_map(summary, main_tokens, window=window).cpu().numpy()
                     latent_maps.append((f"window/{window}", window_map, {"token_strategy": main_name}))
+            for name, layers in self._layer_groups(summary).items():
+                layer_map = maps.combined_map(summary, main_tokens, layers=layers).cpu().numpy()
+                latent_maps.append((f"layers/{name}", layer_map, {"token_strategy": main_name}))
             if settings.image_bias:
                 start_map = maps.combined_map(summary, [0]).cpu().numpy()
                 latent_maps.append((IMAGE_BIAS_METHOD, start_map, {"token_strategy": "start"}))
@@ -319,3 +359,13 @@ class GroundingEvaluator:
                 for position, word in zip(words.positions, words.words)
             ]
         return scored
+
+    def _layer_groups(self, summary: maps.AttentionSummary) -> dict[str, list[int] | list[str]]:
+        """Return the layer ablations to score: resolution groups, then the named subsets."""
+        groups: dict[str, list[int] | list[str]] = {}
+        if self.settings.compare_layer_resolutions:
+            by_resolution = maps.layers_by_resolution(summary)
+            if len(by_resolution) > 1:
+                groups.update(by_resolution)
+        groups.update(self._subset_layers or {})
+        return groups

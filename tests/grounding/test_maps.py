@@ -13,6 +13,7 @@ from grounding.maps import (
     combined_map,
     image_bias_mean,
     layer_grid_size,
+    layers_by_resolution,
     min_max_normalize,
     product_map,
     text_bias_mean,
@@ -235,3 +236,29 @@ def test_numpy_token_positions_accepted(summary):
     numpy_tokens = list(np.array([1, 2]))
 
     assert torch.equal(combined_map(summary, numpy_tokens), combined_map(summary, [1, 2]))
+
+
+def test_sd15_layers_grouped_by_resolution(tiny_unet_factory, scheduler_config):
+    from grounding.engine import GroundingConfig, GroundingEngine
+
+    # The Stable Diffusion 1.5 block layout with narrow channels, at a 16x16 latent.
+    unet = tiny_unet_factory(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    engine = GroundingEngine(unet, scheduler_config, GroundingConfig(num_inference_steps=2, timestep_window=1))
+    summary = engine.run(torch.zeros(1, 4, 16, 16), torch.randn(1, 12, 16), None, None, [0])[0]
+
+    groups = layers_by_resolution(summary)
+
+    # Forward order: down 0-5 (two layers per level), mid 6, up 7-15 (three per level).
+    assert groups == {
+        "res2": [6],
+        "res4": [4, 5, 7, 8, 9],
+        "res8": [2, 3, 10, 11, 12],
+        "res16": [0, 1, 13, 14, 15],
+    }

@@ -138,3 +138,34 @@ def test_control_pass_skips_text_run(module: LatentDiffusionModule) -> None:
     assert rows == [2]
     assert [item.method for item in results[0]] == ["shuffled"]
     assert np.isfinite(results[0][0].latent_map).all()
+
+
+def test_layer_ablations_scored(module: LatentDiffusionModule) -> None:
+    settings = EvaluationSettings(bbm_variants=[], layer_subsets={"first": [0], "outer": [0, -1]})
+    evaluator = GroundingEvaluator(engine_config(), settings)
+    batch = make_batch(["small left pleural effusion"], ["Pleural Effusion"])
+
+    results = evaluate(module, evaluator, batch, torch.randn(1, 3, SIDE, SIDE))
+
+    methods = [item.method for item in results[0]]
+    # The tiny U-Net has attn2 layers at 32x32 and 16x16.
+    assert [method for method in methods if method.startswith("layers/")] == [
+        "layers/res16",
+        "layers/res32",
+        "layers/first",
+        "layers/outer",
+    ]
+    maps_by_method = {item.method: item.latent_map for item in results[0]}
+    assert not np.allclose(maps_by_method["layers/res16"], maps_by_method["layers/res32"])
+
+
+def test_layer_subset_outside_capture_rejected(module: LatentDiffusionModule) -> None:
+    config = GroundingConfig(num_inference_steps=4, timestep_window=2, layers=[0])
+    evaluator = GroundingEvaluator(config, EvaluationSettings(layer_subsets={"last": [-1]}))
+
+    with pytest.raises(ValueError, match="Layer subset 'last' needs layers"):
+        evaluator.check_layers(module.ema_unet)
+    with pytest.raises(ValueError, match="Layer subset 'bad'"):
+        GroundingEvaluator(config, EvaluationSettings(layer_subsets={"bad": [99]})).check_layers(module.ema_unet)
+    with pytest.raises(ValueError, match="is empty"):
+        EvaluationSettings(layer_subsets={"none": []})
