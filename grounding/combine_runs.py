@@ -7,7 +7,8 @@
 Each folder must contain the ``pairs.csv`` that an evaluation writes. The output folder gets
 ``findings.{csv,json,md}`` with mean ± sample standard deviation over the runs for every finding
 and average row, laid out like Table 1 of Generate to Ground (MIDL 2025), and
-``findings_threshold_free.*`` with the threshold-free metrics.
+``findings_threshold_free.*`` with the threshold-free metrics. All runs must share one metric
+convention (``gmm_miou`` or ``multi_threshold``), which the tables name.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from grounding.aggregation import aggregate, summarize_runs
-from grounding.reporting import THRESHOLD_FREE_TABLE_METRICS, write_finding_tables
+from grounding.metrics import MetricConvention
+from grounding.reporting import THRESHOLD_FREE_TABLE_METRICS, records_convention, write_finding_tables
 from grounding.results import metric_keys
 
 log = logging.getLogger(__name__)
@@ -41,16 +43,38 @@ def read_pairs(directory: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def shared_convention(directories: list[Path], frames: list[pd.DataFrame]) -> MetricConvention:
+    """Return the metric convention of the runs' ``pairs.csv`` files.
+
+    Raises:
+        ValueError: when a run's records lack a convention or mix two, or two runs differ,
+            naming the folders and their conventions.
+    """
+    conventions = {
+        directory: records_convention(frame.to_dict("records"), source=str(directory / "pairs.csv"))
+        for directory, frame in zip(directories, frames)
+    }
+    if len(set(conventions.values())) > 1:
+        listing = ", ".join(f"{directory}: {convention.value}" for directory, convention in conventions.items())
+        raise ValueError(
+            f"The runs were scored under different metric conventions ({listing}); mIoU and CNR are "
+            "defined differently under each, so combine only runs of one convention."
+        )
+    return next(iter(conventions.values()))
+
+
 def combine_runs(directories: list[Path], output: Path) -> Path:
     """Aggregate each run per method, then write mean ± std tables over the runs to ``output``.
 
     Raises:
         FileNotFoundError: when a folder has no ``pairs.csv``.
-        ValueError: when fewer than two runs are given or no method is shared by every run.
+        ValueError: when fewer than two runs are given, the runs' metric conventions are
+            missing or differ, or no method is shared by every run.
     """
     if len(directories) < 2:
         raise ValueError(f"Combining runs needs at least two result folders, got {len(directories)}.")
     frames = [read_pairs(directory) for directory in directories]
+    convention = shared_convention(directories, frames)
 
     shared = set.intersection(*(set(frame["method"]) for frame in frames))
     methods = [method for method in TABLE_METHODS if method in shared]
@@ -63,9 +87,11 @@ def combine_runs(directories: list[Path], output: Path) -> Path:
         results = [aggregate(frame[frame["method"] == method].to_dict("records"), keys) for frame in frames]
         summaries[method] = summarize_runs(results)
 
-    write_finding_tables(summaries, output, stem="findings")
-    write_finding_tables(summaries, output, metrics=THRESHOLD_FREE_TABLE_METRICS, stem="findings_threshold_free")
-    log.info("Combined %d runs of %d methods into %s", len(frames), len(methods), output)
+    write_finding_tables(summaries, output, stem="findings", convention=convention)
+    write_finding_tables(
+        summaries, output, metrics=THRESHOLD_FREE_TABLE_METRICS, stem="findings_threshold_free", convention=convention
+    )
+    log.info("Combined %d runs of %d methods (%s) into %s", len(frames), len(methods), convention.value, output)
     return output
 
 

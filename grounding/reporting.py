@@ -3,7 +3,8 @@
 The per-finding tables are laid out like Table 1 of Generate to Ground (MIDL 2025): one row
 per MS-CXR finding followed by the overall averages, and for each method (e.g. without and
 with Bimodal Bias Merging, or a control) one column per metric. They are written as CSV,
-JSON and Markdown.
+JSON and Markdown, and each names the metric convention (`gmm_miou` or `multi_threshold`)
+behind its mIoU and CNR, because both conventions share those labels.
 """
 
 import json
@@ -25,7 +26,7 @@ from grounding.aggregation import (
     RunSummary,
     aggregate,
 )
-from grounding.metrics import PairScores
+from grounding.metrics import MetricConvention, PairScores
 from grounding.tokens import TokenSelection
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ THRESHOLD_FREE_TABLE_METRICS = {
     "keep_threshold_free/top1": "Top-1",
     "keep_threshold_free/auc_roc": "AUC-ROC",
 }
+CONVENTION_KEY = "convention"
 LEADING_PAIR_COLUMNS = (ID_KEY, "image_id", FINDING_KEY, "phrase", "token_strategy", "token_positions", "token_words")
 MISSING_CELL = "n/a"
 
@@ -87,6 +89,54 @@ def pair_record(
     record.update(extra)
     record.update(scores.as_record())
     return record
+
+
+def records_convention(records: Sequence[Mapping[str, Any]], source: str = "the input") -> MetricConvention:
+    """Find the one metric convention that every record was scored under.
+
+    Records that mix conventions are rejected rather than labelled "mixed", because their
+    mIoU and CNR values have different definitions and no mean over them is meaningful.
+
+    Args:
+        records: Per-pair records with a `convention` key, e.g. from `pair_record`.
+        source: Name of the records' origin (e.g. a result folder), used in error messages.
+
+    Returns:
+        The shared convention.
+
+    Raises:
+        ValueError: If there are no records, a record has no convention or an unknown one,
+            or the records name more than one convention.
+    """
+    if not records:
+        raise ValueError(f"No per-pair records from {source}, so their metric convention is unknown.")
+    counts: dict[str, int] = {}
+    missing = 0
+    for record in records:
+        value = record.get(CONVENTION_KEY)
+        # A CSV cell without a value reads back as NaN, so anything but a string is missing.
+        if not isinstance(value, str) or not value:
+            missing += 1
+            continue
+        counts[value] = counts.get(value, 0) + 1
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(records)} records from {source} have no {CONVENTION_KEY!r}; "
+            "score pairs with score_pair so that each record names its metric convention."
+        )
+    if len(counts) > 1:
+        raise ValueError(
+            f"Records from {source} mix metric conventions {counts}; mIoU and CNR are defined "
+            "differently under each, so aggregate each convention separately."
+        )
+    (value,) = counts
+    try:
+        return MetricConvention(value)
+    except ValueError:
+        known = [convention.value for convention in MetricConvention]
+        raise ValueError(
+            f"Records from {source} name the unknown metric convention {value!r}; expected one of {known}."
+        ) from None
 
 
 def _cell_for_csv(value: Any) -> Any:
@@ -158,48 +208,15 @@ def _json_number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def write_finding_tables(
-    methods: Mapping[str, AggregateResult | RunSummary],
-    output_dir: str | Path,
-    metrics: Mapping[str, str] | None = None,
-    stem: str = "findings",
-    digits: int = 2,
-) -> TablePaths:
-    """Write the per-finding table of several methods as CSV, JSON and Markdown.
-
-    Args:
-        methods: Aggregate of one run or summary over runs per method, keyed by the column
-            group's name (e.g. {"CXR-BERT LDM": ..., "+BBM": ...}), in column order.
-        output_dir: Folder to write into; it is created.
-        metrics: Metric key to column label, in column order; defaults to
-            `PAPER_TABLE_METRICS`.
-        stem: File name without suffix.
-        digits: Decimals in the Markdown table.
-
-    Returns:
-        The three paths. The CSV contains numbers, with `<method>/<label> std` columns for
-        summaries over runs. The JSON also contains pair and NaN counts of single runs.
-
-    Raises:
-        ValueError: If `methods` is empty or `output_dir` is an existing file.
-    """
-    if not methods:
-        raise ValueError("write_finding_tables needs at least one method.")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"Output directory {output_dir} is an existing file; pass a folder path.")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = dict(metrics) if metrics is not None else dict(PAPER_TABLE_METRICS)
-
-    method_rows = {name: _method_rows(result) for name, result in methods.items()}
-    row_labels = _row_order(methods)
-    for name, rows in method_rows.items():
-        found = {metric for values in rows.values() for metric in values}
-        absent = [metric for metric in metrics if metric not in found]
-        if absent:
-            logger.warning("Method %r has no values for %s; its cells read %r.", name, absent, MISSING_CELL)
-
-    # CSV: one numeric column per method and metric, plus a std column for summaries.
+def _write_csv_table(
+    method_rows: Mapping[str, dict[str, dict[str, float | MeanStd]]],
+    row_labels: list[str],
+    metrics: Mapping[str, str],
+    convention: MetricConvention,
+    path: Path,
+) -> None:
+    # One numeric column per method and metric, plus a std column for summaries. The
+    # convention is the last column, so the metric columns keep their positions.
     csv_rows = []
     for label in row_labels:
         csv_row: dict[str, Any] = {"row": label}
@@ -211,12 +228,26 @@ def write_finding_tables(
                     csv_row[f"{name}/{column} std"] = value.std
                 else:
                     csv_row[f"{name}/{column}"] = float("nan") if value is None else value
+        csv_row[CONVENTION_KEY] = convention.value
         csv_rows.append(csv_row)
-    csv_path = output_dir / f"{stem}.csv"
-    pd.DataFrame(csv_rows).to_csv(csv_path, index=False, na_rep="nan")
+    pd.DataFrame(csv_rows).to_csv(path, index=False, na_rep="nan")
 
-    # JSON: the same values nested by method, row and metric, with the column labels.
-    document: dict[str, Any] = {"metrics": metrics, "rows": row_labels, "methods": {}}
+
+def _write_json_table(
+    methods: Mapping[str, AggregateResult | RunSummary],
+    method_rows: Mapping[str, dict[str, dict[str, float | MeanStd]]],
+    row_labels: list[str],
+    metrics: Mapping[str, str],
+    convention: MetricConvention,
+    path: Path,
+) -> None:
+    # The same values nested by method, row and metric, with the column labels.
+    document: dict[str, Any] = {
+        CONVENTION_KEY: convention.value,
+        "metrics": dict(metrics),
+        "rows": row_labels,
+        "methods": {},
+    }
     for name, result in methods.items():
         entry: dict[str, Any] = {
             "values": {
@@ -231,22 +262,92 @@ def write_finding_tables(
         else:
             entry["n_runs"] = result.n_runs
         document["methods"][name] = entry
-    json_path = output_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
-    # Markdown: findings, then the averages, like Table 1 of Generate to Ground.
-    header = ["Finding"] + [f"{name} {column}" for name in methods for column in metrics.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+
+def convention_caption(convention: MetricConvention) -> str:
+    """Build the caption line that names a table's metric convention and defines mIoU and CNR."""
+    return f"Metric convention: {convention.value}. {convention.description}"
+
+
+def _write_markdown_table(
+    method_rows: Mapping[str, dict[str, dict[str, float | MeanStd]]],
+    row_labels: list[str],
+    metrics: Mapping[str, str],
+    convention: MetricConvention,
+    digits: int,
+    path: Path,
+) -> None:
+    # A caption line, then findings and the averages, like Table 1 of Generate to Ground.
+    header = ["Finding"] + [f"{name} {column}" for name in method_rows for column in metrics.values()]
+    lines = [
+        convention_caption(convention),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
     for label in row_labels:
         cells = [label] + [
-            _format_cell(method_rows[name].get(label, {}).get(metric), digits) for name in methods for metric in metrics
+            _format_cell(rows.get(label, {}).get(metric), digits) for rows in method_rows.values() for metric in metrics
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    markdown_path = output_dir / f"{stem}.md"
-    markdown_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    logger.info("Wrote per-finding tables of %d methods to %s.", len(methods), output_dir)
-    return TablePaths(csv_path, json_path, markdown_path)
+
+def write_finding_tables(
+    methods: Mapping[str, AggregateResult | RunSummary],
+    output_dir: str | Path,
+    metrics: Mapping[str, str] | None = None,
+    stem: str = "findings",
+    digits: int = 2,
+    *,
+    convention: MetricConvention | str,
+) -> TablePaths:
+    """Write the per-finding table of several methods as CSV, JSON and Markdown.
+
+    Args:
+        methods: Aggregate of one run or summary over runs per method, keyed by the column
+            group's name (e.g. {"CXR-BERT LDM": ..., "+BBM": ...}), in column order.
+        output_dir: Folder to write into; it is created.
+        metrics: Metric key to column label, in column order; defaults to
+            `PAPER_TABLE_METRICS`.
+        stem: File name without suffix.
+        digits: Decimals in the Markdown table.
+        convention: Metric convention of every method's values (see `records_convention`).
+
+    Returns:
+        The three paths. The CSV contains numbers, with `<method>/<label> std` columns for
+        summaries over runs, and a last `convention` column with the same value in every
+        row. The JSON has a top-level `convention` key and also contains pair and NaN counts
+        of single runs. The Markdown starts with a caption line that names the convention.
+
+    Raises:
+        ValueError: If `methods` is empty, `output_dir` is an existing file or `convention`
+            is unknown.
+    """
+    if not methods:
+        raise ValueError("write_finding_tables needs at least one method.")
+    convention = MetricConvention(convention)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"Output directory {output_dir} is an existing file; pass a folder path.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = dict(metrics) if metrics is not None else dict(PAPER_TABLE_METRICS)
+
+    method_rows = {name: _method_rows(result) for name, result in methods.items()}
+    row_labels = _row_order(methods)
+    for name, rows in method_rows.items():
+        found = {metric for values in rows.values() for metric in values}
+        absent = [metric for metric in metrics if metric not in found]
+        if absent:
+            logger.warning("Method %r has no values for %s; its cells read %r.", name, absent, MISSING_CELL)
+
+    paths = TablePaths(output_dir / f"{stem}.csv", output_dir / f"{stem}.json", output_dir / f"{stem}.md")
+    _write_csv_table(method_rows, row_labels, metrics, convention, paths.csv)
+    _write_json_table(methods, method_rows, row_labels, metrics, convention, paths.json)
+    _write_markdown_table(method_rows, row_labels, metrics, convention, digits, paths.markdown)
+    logger.info("Wrote per-finding tables of %d methods (%s) to %s.", len(methods), convention.value, output_dir)
+    return paths
 
 
 def write_method_tables(
@@ -269,11 +370,12 @@ def write_method_tables(
         digits: Decimals in the Markdown table.
 
     Returns:
-        The paths of `write_finding_tables`, with methods in first-seen order.
+        The paths of `write_finding_tables`, with methods in first-seen order and the
+        records' metric convention.
 
     Raises:
         KeyError: If a record has no `method_key`.
-        ValueError: As `aggregate` and `write_finding_tables`.
+        ValueError: As `aggregate`, `records_convention` and `write_finding_tables`.
     """
     metrics = dict(metrics) if metrics is not None else dict(PAPER_TABLE_METRICS)
     grouped: dict[str, list[Mapping[str, Any]]] = {}
@@ -282,6 +384,8 @@ def write_method_tables(
             raise KeyError(f"Record of pair {record.get(ID_KEY)!r} has no {method_key!r} naming its method.")
         grouped.setdefault(str(record[method_key]), []).append(record)
 
+    convention = records_convention(records)
+
     # Only the table's metrics are aggregated, so string and list columns never reach `aggregate`.
     methods = {name: aggregate(rows, list(metrics)) for name, rows in grouped.items()}
-    return write_finding_tables(methods, output_dir, metrics, stem, digits)
+    return write_finding_tables(methods, output_dir, metrics, stem, digits, convention=convention)
