@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from callbacks.overlays import render_overlay, render_word_maps, side_by_side
 from grounding.capture import CaptureError
 from grounding.engine import GroundingConfig, pair_seed_from_id
 from grounding.pipeline import CENTER_PRIOR_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
-from grounding.results import HEADLINE_METRICS, summarize_records, write_results
+from grounding.results import HEADLINE_METRICS, strict_json, summarize_records, write_results
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +404,7 @@ class GroundingEvaluation(Callback):
             return
         path = self._output_dir(trainer) / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.summary_rows, indent=2, sort_keys=True))
+        path.write_text(strict_json(dict(sorted(self.summary_rows.items()))))
 
     def _log_overlays(self, trainer: L.Trainer, stage: str, directory: Path, records: list[dict[str, Any]]) -> None:
         """Save the overlays and word-map figures as PNGs and log them, with a table of pairs, to W&B."""

@@ -282,7 +282,7 @@ class GroundingEvaluator:
         return results
 
     def _record_failure(self, pair_id: str, method: str, error: Exception) -> None:
-        # One bad pair (for example boxes that vanished in the crop) must not end the run.
+        # One bad pair (for example a phrase with no token) must not end the run.
         log.warning("Skipping grounding pair %s (%s): %s", pair_id, method, error)
         self.failed_pairs.append((pair_id, str(error)))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ HEADLINE_POLICY = EmptyMaskPolicy.ZERO_ALL
 HEADLINE_AGGREGATE = AggregateKind.WEIGHTED
 HEADLINE_METRICS = ("miou", "cnr", "top1", "auc_roc")
 # Methods that vary one setting of the main map; they get their own table.
-ABLATION_PREFIXES = ("tokens/", "window/")
+ABLATION_PREFIXES = ("tokens/", "window/", "layers/")
 
 
 def metric_keys() -> list[str]:
@@ -117,6 +118,24 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def strict_json(value: Any) -> str:
+    """Serialize ``value`` as indented JSON, with NaN and infinite floats written as null.
+
+    Python's default writes bare ``NaN``, which strict JSON parsers (``jq``, browsers) reject.
+    """
+
+    def clean(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(entry) for entry in item]
+        return item
+
+    return json.dumps(clean(value), indent=2, default=str, allow_nan=False)
+
+
 def _is_ablation(method: str) -> bool:
     return method.startswith(ABLATION_PREFIXES)
 
@@ -128,7 +147,7 @@ def write_results(records: list[dict[str, Any]], summary: dict[str, Any], direct
     as CSV, JSON and Markdown laid out like Table 1 of Generate to Ground: ``findings.*`` (the main map,
     BBM and the controls side by side, its conventions), ``findings_threshold_free.*``
     (the same with threshold-free metrics kept for empty masks) and ``ablations.*`` (token
-    strategies and timestep windows). Every file names the records' metric convention.
+    strategies, timestep windows and layer subsets). Every file names the records' metric convention.
 
     Raises:
         ValueError: when the records lack a metric convention or mix two, or ``summary`` names
@@ -145,7 +164,7 @@ def write_results(records: list[dict[str, Any]], summary: dict[str, Any], direct
     directory.mkdir(parents=True, exist_ok=True)
     write_pair_csv(records, directory / "pairs.csv")
     summary = {CONVENTION_KEY: convention, **summary}
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (directory / "summary.json").write_text(strict_json(summary))
 
     main_records = [record for record in records if not _is_ablation(record["method"])]
     ablation_records = [record for record in records if _is_ablation(record["method"]) or record["method"] == MAIN_METHOD]

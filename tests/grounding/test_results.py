@@ -157,3 +157,16 @@ def test_summary_all_nan_auc() -> None:
 
     assert math.isnan(summary["methods"]["cross_attention"]["overall"]["auc_roc"])
     assert summary["methods"]["cross_attention"]["nan_counts"]["zero_all/auc_roc"] == 1
+
+
+def test_summary_json_writes_nan_as_null(tmp_path: Path) -> None:
+    records = [record for record in _records(("cross_attention",)) if record["pair_id"] == "p1"]
+
+    write_results(records, summarize_records(records), tmp_path / "results")
+
+    def reject(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    text = (tmp_path / "results" / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=reject)
+    assert summary["methods"]["cross_attention"]["overall"]["auc_roc"] is None
