@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from callbacks.overlays import render_overlay, render_word_maps, side_by_side
+from callbacks.overlays import pad_to_common_size, render_overlay, render_word_maps, side_by_side
 from grounding.capture import CaptureError
 from grounding.engine import GroundingConfig, pair_seed_from_id
 from grounding.pipeline import CENTER_PRIOR_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
@@ -420,7 +420,7 @@ class GroundingEvaluation(Callback):
                 continue
             for folder, items in figures.items():
                 if items:
-                    images = [image for image, _ in items]
+                    images = pad_to_common_size([image for image, _ in items])
                     captions = [caption for _, caption in items]
                     logger.log_image(key=f"{stage}/grounding/{folder}", images=images, caption=captions, step=trainer.global_step)
             main_rows = [record for record in records if record["method"] == MAIN_METHOD]

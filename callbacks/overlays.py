@@ -83,6 +83,22 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
     return canvas
 
 
+def pad_to_common_size(images: list[Image.Image], fill: tuple[int, int, int] = (255, 255, 255)) -> list[Image.Image]:
+    """Pad images at the right and bottom to the largest width and height among them.
+
+    W&B shows a list of images under one key correctly only when they share a size, and word-map
+    figures are as wide as their phrase has words.
+    """
+    width = max(image.width for image in images)
+    height = max(image.height for image in images)
+    padded = []
+    for image in images:
+        canvas = Image.new("RGB", (width, height), fill)
+        canvas.paste(image.convert("RGB"), (0, 0))
+        padded.append(canvas)
+    return padded
+
+
 def render_word_maps(
     pixel_values: np.ndarray,
     main_map: np.ndarray,

@@ -97,6 +97,37 @@ def test_capture_error_stops_evaluation(error: Exception, reraised: bool, monkey
         assert callback._failed_batches == 1
 
 
+def test_wandb_logging_pads_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+    from PIL import Image
+
+    logged_images: dict[str, list] = {}
+    tables: dict[str, object] = {}
+
+    def log_image(key: str, images: list, caption: list, step: int) -> None:
+        logged_images[key] = images
+
+    def log_table(key: str, dataframe: object, step: int) -> None:
+        tables[key] = dataframe
+
+    wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path))
+    monkeypatch.setattr(wandb_logger, "log_image", log_image)
+    monkeypatch.setattr(wandb_logger, "log_table", log_table)
+
+    callback = GroundingEvaluation()
+    callback._overlays = [(Image.new("RGB", (64, 32)), "a"), (Image.new("RGB", (96, 32)), "b")]
+    callback._token_figures = [(Image.new("RGB", (40, 50)), "c")]
+    records = [{"pair_id": "a", "method": "cross_attention"}, {"pair_id": "a", "method": "bbm/bezier"}]
+
+    callback._log_overlays(SimpleNamespace(loggers=[wandb_logger], global_step=3), "val", tmp_path / "out", records)
+
+    assert [image.size for image in logged_images["val/grounding/overlays"]] == [(96, 32), (96, 32)]
+    assert [image.size for image in logged_images["val/grounding/token_maps"]] == [(40, 50)]
+    assert list(tables["val/grounding/pairs"]["method"]) == ["cross_attention"]
+    assert sorted(path.name for path in (tmp_path / "out" / "overlays").iterdir()) == ["00.png", "01.png"]
+    assert Image.open(tmp_path / "out" / "overlays" / "01.png").size == (96, 32)
+
+
 def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict) -> None:
     module = LatentDiffusionModule(**tiny_module_kwargs)
     datamodule = phantom_datamodule(
