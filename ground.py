@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> Path:
             f"Checkpoint not found: {options.ckpt_path}; run the demo first (python train.py --config "
             "configs/demo.yaml) or leave out --ckpt_path to use the U-Net of the config."
         )
+    if not config_arguments:
+        raise SystemExit(
+            "No config given: add the model's config after the ground.py options, "
+            "for example: -- --config configs/demo.yaml"
+        )
 
     # Model and grounding settings from the config.
     cli = GroundingCLI(LatentDiffusionModule, parser_kwargs={"parser_mode": "omegaconf+"}, args=config_arguments, run=False)

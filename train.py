@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from callbacks.wandb_setup import configure_wandb_logger
 from lightning_modules.latent_diffusion import LatentDiffusionModule
@@ -50,8 +52,30 @@ OmegaConf.register_resolver("accumulation", gradient_accumulation_steps, replace
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
+def innermost_message(error: BaseException) -> str:
+    """Return the message of the first exception in the chain of causes (the one that was raised first)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error)
+
+
+def exit_with_configuration_error(error: BaseException) -> None:
+    """Log one line for a setup problem (missing file, invalid value) and exit with status 2."""
+    # The traceback stays available at DEBUG level for the case that it is a bug after all.
+    log.debug("Configuration error", exc_info=error)
+    log.error("%s", innermost_message(error))
+    sys.exit(2)
+
+
 class GroundingCLI(LightningCLI):
-    """LightningCLI that turns missing data or weights into one message and sets up W&B."""
+    """LightningCLI that turns missing files and invalid values into one message and sets up W&B."""
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except OmegaConfBaseException as error:
+            # For example the accumulation resolver rejecting a batch size that does not divide 256.
+            exit_with_configuration_error(error)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -63,10 +87,9 @@ class GroundingCLI(LightningCLI):
             check_paths = getattr(self.datamodule, "check_paths", None)
             if check_paths is not None:
                 check_paths()
-        except FileNotFoundError as error:
-            # A missing data set or model is a setup problem, not a bug: no traceback.
-            log.error("%s", error)
-            sys.exit(2)
+        except (FileNotFoundError, ValueError) as error:
+            # A missing data set or model, or a value a constructor rejects, is a setup problem.
+            exit_with_configuration_error(error)
 
 
 def default_to_fit(argv: list[str]) -> list[str]:

@@ -69,3 +69,11 @@ def test_missing_checkpoint_named_before_loading(tmp_path: Path) -> None:
             ["--image", str(real_radiograph()), "--phrase", "cardiomegaly", "--output", str(tmp_path / "x.png"),
              "--ckpt_path", str(tmp_path / "missing.ckpt")]
         )
+
+
+def test_missing_config_named(tmp_path: Path) -> None:
+    image = tmp_path / "image.png"
+    image.write_bytes(b"not read before the config check")
+
+    with pytest.raises(SystemExit, match="No config given.*-- --config configs/demo.yaml"):
+        ground.main(["--image", str(image), "--phrase", "cardiomegaly", "--output", str(tmp_path / "x.png")])

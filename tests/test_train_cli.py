@@ -109,6 +109,26 @@ def test_real_config_stops_with_one_message(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--config", "configs/demo.yaml", "--trainer.callbacks.init_args.mode=bogus"], "Invalid sampling mode 'bogus'"),
+        (["--config", "configs/demo.yaml", "--model.condition_dropout=1.5"], "condition_dropout must lie in [0, 1]"),
+        (["--config", "configs/cxrbert.yaml", "--data.init_args.train_batch_size=12"], "is not a multiple of train_batch_size 12"),
+    ],
+)
+def test_invalid_value_stops_with_one_message(
+    overrides: list[str], message: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    arguments = [overrides[0], str(REPO_ROOT / overrides[1]), *overrides[2:], f"--trainer.default_root_dir={tmp_path}"]
+
+    with caplog.at_level("ERROR", logger="train"), pytest.raises(SystemExit) as stopped:
+        train.main(arguments)
+
+    assert stopped.value.code == 2
+    assert message in caplog.text
+
+
 def test_demo_config_matches_shipped_unet() -> None:
     import json
 
