@@ -68,11 +68,15 @@ def combine_runs(directories: list[Path], output: Path) -> Path:
 
     Raises:
         FileNotFoundError: when a folder has no ``pairs.csv``.
-        ValueError: when fewer than two runs are given, the runs' metric conventions are
-            missing or differ, or no method is shared by every run.
+        ValueError: when fewer than two runs are given, a folder is given twice, the runs'
+            metric conventions are missing or differ, or no method is shared by every run.
     """
     if len(directories) < 2:
         raise ValueError(f"Combining runs needs at least two result folders, got {len(directories)}.")
+    resolved = [directory.resolve() for directory in directories]
+    repeated = sorted({str(directory) for directory in directories if resolved.count(directory.resolve()) > 1})
+    if repeated:
+        raise ValueError(f"Result folders {repeated} are given more than once; each run must count once.")
     frames = [read_pairs(directory) for directory in directories]
     convention = shared_convention(directories, frames)
 
@@ -80,6 +84,15 @@ def combine_runs(directories: list[Path], output: Path) -> Path:
     methods = [method for method in TABLE_METHODS if method in shared]
     if not methods:
         raise ValueError(f"The runs share none of the methods {TABLE_METHODS}; check that they come from one kind of evaluation.")
+    partial = [method for method in TABLE_METHODS if method not in shared and any(method in set(frame["method"]) for frame in frames)]
+    if partial:
+        log.warning("Methods %s are missing from some runs and are left out of the combined tables.", partial)
+    pair_sets = {frozenset(frame["pair_id"].astype(str)) for frame in frames}
+    if len(pair_sets) > 1:
+        log.warning(
+            "The runs scored different pairs (%s pairs); their means cover different data.",
+            " / ".join(str(frame["pair_id"].nunique()) for frame in frames),
+        )
 
     keys = metric_keys()
     summaries = {}

@@ -83,3 +83,25 @@ def test_missing_pairs_file_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="No pairs.csv"):
         main([str(write_run(tmp_path / "one", 0.5)), str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
+
+
+def test_repeated_folder_rejected(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "seed1", 0.5)
+
+    with pytest.raises(ValueError, match="more than once"):
+        combine_runs([run, tmp_path / "." / "seed1"], tmp_path / "combined")
+
+
+def test_partial_methods_and_pairs_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = write_run(tmp_path / "seed1", 0.5)
+    second = write_run(tmp_path / "seed2", 0.7)
+    frame = pd.read_csv(second / "pairs.csv")
+    frame = frame[(frame["method"] != "bbm/bezier") & (frame["pair_id"] != "p2")]
+    frame.to_csv(second / "pairs.csv", index=False)
+
+    with caplog.at_level("WARNING", logger="grounding.combine_runs"):
+        combine_runs([first, second], tmp_path / "combined")
+
+    assert "['bbm/bezier'] are missing from some runs" in caplog.text
+    assert "different pairs (3 / 2 pairs)" in caplog.text
+    assert "bbm/bezier" not in (tmp_path / "combined" / "findings.md").read_text()
