@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from callbacks.overlays import pad_to_common_size, render_overlay, render_word_maps, side_by_side
+from callbacks.overlays import add_caption, pad_to_common_size, render_overlay, render_word_maps, side_by_side
 from grounding.capture import CaptureError
 from grounding.engine import GroundingConfig, pair_seed_from_id
 from grounding.pipeline import CENTER_PRIOR_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
@@ -474,18 +474,19 @@ def _render_pair(batch: dict[str, Any], row: int, pair_results: list[ScoredMap])
     shown = [item for item in pair_results if item.method == MAIN_METHOD]
     shown += [item for item in pair_results if item.method.startswith("bbm/")][:1]
     panels = [render_overlay(pixel_values, item.image_map, item.image_mask, boxes) for item in shown]
-    caption = (
-        f"{batch['pair_ids'][row]} | {batch['findings'][row]} | {batch['phrases'][row]} | "
-        + " vs ".join(f"{item.method}: mIoU {item.record['zero_all/miou']:.2f} CNR {item.record['zero_all/cnr']:.2f}" for item in shown)
-    )
-    return side_by_side(panels), caption
+    scores = [f"{item.method}: mIoU {item.record['zero_all/miou']:.2f} CNR {item.record['zero_all/cnr']:.2f}" for item in shown]
+    header = f"{batch['pair_ids'][row]} | {batch['findings'][row]} | {batch['phrases'][row]}"
+    caption = f"{header} | " + " vs ".join(scores)
+    # Each method takes two panels (image, map with boxes and mask outline), left to right.
+    lines = [header, "  |  ".join(f"{score} (image, map)" for score in scores)]
+    return add_caption(side_by_side(panels), lines), caption
 
 
 def _render_word_maps(batch: dict[str, Any], row: int, item: ScoredMap) -> tuple[Any, str]:
     """Render the image, the main map, then one heat map per word token of the phrase."""
     pixel_values = batch["pixel_values"][row].detach().float().cpu().numpy()
     caption = f"{batch['pair_ids'][row]} | {batch['phrases'][row]} | image, main map, then one map per word token"
-    return render_word_maps(pixel_values, item.image_map, item.word_maps), caption
+    return add_caption(render_word_maps(pixel_values, item.image_map, item.word_maps), [caption]), caption
 
 
 def _flatten_for_logging(summary: dict[str, Any], stage: str) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
@@ -80,6 +82,23 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
     for image in images:
         canvas.paste(image, (offset, 0))
         offset += image.width
+    return canvas
+
+
+def add_caption(image: Image.Image, lines: list[str], line_height: int = 14) -> Image.Image:
+    """Return the image below a white band with the given text lines, wrapped to its width.
+
+    Saved PNGs then name the pair and the methods they show, as the W&B caption does.
+    """
+    # PIL's default bitmap font is about 6 pixels per character.
+    characters = max(20, image.width // 6)
+    wrapped = [piece for line in lines for piece in textwrap.wrap(line, characters) or [""]]
+    band = line_height * len(wrapped) + 4
+    canvas = Image.new("RGB", (image.width, image.height + band), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(wrapped):
+        draw.text((4, 2 + index * line_height), line, fill=(0, 0, 0))
+    canvas.paste(image.convert("RGB"), (0, band))
     return canvas
 
 
