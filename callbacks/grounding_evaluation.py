@@ -20,7 +20,7 @@ from typing_extensions import override
 from callbacks.overlays import add_caption, pad_to_common_size, render_overlay, render_word_maps, side_by_side
 from grounding.capture import CaptureError
 from grounding.engine import GroundingConfig, pair_seed_from_id
-from grounding.pipeline import CENTER_PRIOR_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
+from grounding.pipeline import CENTER_PRIOR_METHOD, IMAGE_BIAS_METHOD, MAIN_METHOD, EvaluationSettings, GroundingEvaluator, ScoredMap
 from grounding.results import HEADLINE_METRICS, strict_json, summarize_records, write_results
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class GroundingEvaluation(Callback):
             return
         methods = summary["methods"]
         self.summary_rows["trained"] = methods[MAIN_METHOD]["overall"]
-        for name in (CENTER_PRIOR_METHOD, SHUFFLED_METHOD):
+        for name in (CENTER_PRIOR_METHOD, SHUFFLED_METHOD, IMAGE_BIAS_METHOD):
             if name in methods:
                 self.summary_rows[name] = methods[name]["overall"]
         self._write_summary(trainer)

@@ -13,7 +13,7 @@ from grounding.pipeline import center_prior_map
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from tests.helpers.models import phantom_datamodule, quiet_trainer
 
-SUMMARY_ROWS = ("trained", "untrained", "center_prior", "shuffled_caption")
+SUMMARY_ROWS = ("trained", "untrained", "center_prior", "shuffled_caption", "image_bias")
 
 
 def test_center_prior_peaks_at_center() -> None:
