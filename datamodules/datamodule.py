@@ -358,7 +358,7 @@ class CXRDataModule(L.LightningDataModule):
         if unresolved and (self.image_root / SPLIT_FILE).is_file():
             split_frame = read_official_csv(self.image_root / SPLIT_FILE, "mimic_cxr_jpg_root")
             subjects |= set(split_frame.loc[split_frame["dicom_id"].isin(unresolved), "subject_id"])
-        logger.info("Leakage guard: %d MS-CXR subjects are left out of training.", len(subjects))
+        logger.info("Leakage guard: any training image of the %d MS-CXR subjects is left out.", len(subjects))
         return subjects
 
     def pair_list_path(self) -> Path:
@@ -386,7 +386,10 @@ class CXRDataModule(L.LightningDataModule):
         path = self.pair_list_path()
         cached = load_pair_list(path)
         if cached is not None:
-            logger.info("Using the cached training pair list %s (%d pairs).", path, len(cached[0]))
+            # prepare_data and setup both read the list, so the second read logs at DEBUG level.
+            level = logging.DEBUG if getattr(self, "_pair_list_logged", False) else logging.INFO
+            logger.log(level, "Using the cached training pair list %s (%d pairs).", path, len(cached[0]))
+            self._pair_list_logged = True
             return cached
 
         hp = self.hparams
