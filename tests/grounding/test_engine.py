@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from grounding.bbm import BBMVariant, bimodal_bias_merge
 from grounding.capture import list_cross_attention_layers
 from grounding.engine import (
     GroundingConfig,
@@ -162,6 +163,27 @@ def test_engine_matches_reference(tiny_unet, scheduler_config, inputs, mode):
                     assert _close(combined_map(summary, tokens, window, layers), expected_comb), (name, window, layers)
                     assert _close(text_bias_mean(summary, name, window, layers), expected_text), (name, window, layers)
                     assert _close(product_map(summary, name, window, layers), expected_mult), (name, window, layers)
+
+        # Bimodal Bias Merging as the evaluation runs it: P_comb of the main window, biases and
+        # product over all steps and layers, for every variant.
+        for name, tokens in TOKEN_SETS[pair].items():
+            reference_inputs = (
+                _min_max(main[NUM_STEPS - MAIN_WINDOW :][:, :, tokens].mean((0, 1, 2))),
+                _min_max((main[:, :, :1] @ text[:, :, tokens]).mean((0, 1, 2))),
+                main[:, :, 0].mean((0, 1)),
+                text[:, :, tokens].mean((0, 1, 2)),
+            )
+            engine_inputs = (
+                combined_map(summary, tokens),
+                product_map(summary, name, NUM_STEPS),
+                image_bias_mean(summary, NUM_STEPS),
+                text_bias_mean(summary, name, NUM_STEPS),
+            )
+            for variant in BBMVariant:
+                expected = bimodal_bias_merge(*(values.numpy() for values in reference_inputs), variant)
+                merged = bimodal_bias_merge(*(values.cpu().numpy() for values in engine_inputs), variant)
+                assert merged.similarity == pytest.approx(expected.similarity, abs=1e-5), (name, variant)
+                assert _close(torch.from_numpy(merged.merged), torch.from_numpy(expected.merged)), (name, variant)
 
 
 def test_engine_window_default_is_main_window(tiny_unet, scheduler_config, inputs):
