@@ -222,8 +222,10 @@ class CrossAttentionCaptureProcessor:
 
     The math is that of diffusers' `AttnProcessor2_0` with the softmax written out: scores
     `Q K^T / sqrt(d)` plus the optional additive mask, softmax over keys (in float32 when the
-    layer upcasts), then the probabilities times V. Without rows to capture it calls the layer's
-    own processor instead (by default the fused `AttnProcessor2_0`).
+    layer upcasts), then the probabilities times V, for the rows it records. Rows it does not
+    record (the unconditional half under classifier-free guidance, or every row of a pass
+    without capture) go through the layer's own processor (by default the fused
+    `AttnProcessor2_0`).
 
     Args:
         store: The receiver of the probabilities.
@@ -254,7 +256,49 @@ class CrossAttentionCaptureProcessor:
             return self._fallback_processor(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb
             )
+        batch_size = hidden_states.shape[0]
+        if rows.numel() == batch_size and torch.equal(rows, torch.arange(batch_size)):
+            return self._explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
+        # The explicit softmax runs on the recorded rows only (the conditional half under CFG),
+        # and the layer's own processor computes the others.
+        recorded = rows.to(hidden_states.device)
+        others = torch.ones(batch_size, dtype=torch.bool, device=hidden_states.device)
+        others[recorded] = False
+        others = others.nonzero().squeeze(1)
+
+        def take(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, index)
+
+        recorded_output = self._explicit_attention(
+            attn,
+            take(hidden_states, recorded),
+            take(encoder_hidden_states, recorded),
+            take(attention_mask, recorded),
+            take(temb, recorded),
+        )
+        output = recorded_output.new_empty((batch_size, *recorded_output.shape[1:]))
+        output.index_copy_(0, recorded, recorded_output)
+        if others.numel():
+            other_output = self._fallback_processor(
+                attn,
+                take(hidden_states, others),
+                take(encoder_hidden_states, others),
+                take(attention_mask, others),
+                take(temb, others),
+            )
+            output.index_copy_(0, others, other_output.to(output.dtype))
+        return output
+
+    def _explicit_attention(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Compute the layer output with the softmax written out, and record every row's probabilities."""
         # Input preparation, as in the default processor.
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -302,11 +346,7 @@ class CrossAttentionCaptureProcessor:
             attention_scores = attention_scores.float()
         attention_probs = attention_scores.softmax(dim=-1).to(dtype)
 
-        # The head average comes first because it is `heads` times smaller than the rows' copy.
-        head_mean = attention_probs.mean(dim=1, dtype=torch.float32)
-        if rows.numel() != batch_size or not torch.equal(rows, torch.arange(batch_size)):
-            head_mean = head_mean.index_select(0, rows.to(head_mean.device))
-        self.store.record(self.layer_position, head_mean)
+        self.store.record(self.layer_position, attention_probs.mean(dim=1, dtype=torch.float32))
 
         # Output, as in the default processor.
         hidden_states = torch.matmul(attention_probs, value.to(attention_probs.dtype))

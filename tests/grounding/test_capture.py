@@ -102,28 +102,30 @@ class CountingProcessor(AttnProcessor2_0):
         return super().__call__(*args, **kwargs)
 
 
-def test_pass_without_rows_uses_original_processor(tiny_unet):
+@pytest.mark.parametrize(("rows", "expected_calls"), [(None, 1), ([0, 1, 2, 3], 0), ([2], 1)])
+def test_rows_not_recorded_use_original_processor(tiny_unet, rows, expected_calls):
     name = list_cross_attention_layers(tiny_unet)[0]
     original = CountingProcessor()
     dict(tiny_unet.named_modules())[name].set_processor(original)
     store = RecordingAttentionStore([name])
     latents, timesteps, encoder_hidden_states = _inputs()
+    with torch.no_grad():
+        expected = tiny_unet(latents, timesteps, encoder_hidden_states).sample
+    original.calls = 0
 
     try:
         with torch.no_grad(), capture_cross_attention(tiny_unet, store):
-            store.begin_forward(None)
-            tiny_unet(latents, timesteps, encoder_hidden_states)
-            store.end_forward()
-            calls_without_rows = original.calls
-            store.begin_forward([0])
-            tiny_unet(latents, timesteps, encoder_hidden_states)
+            store.begin_forward(rows)
+            output = tiny_unet(latents, timesteps, encoder_hidden_states).sample
             store.end_forward()
     finally:
         dict(tiny_unet.named_modules())[name].set_processor(AttnProcessor2_0())
 
-    assert calls_without_rows == 1
-    assert original.calls == 1
-    assert len(store.records[name]) == 1
+    assert original.calls == expected_calls
+    assert len(store.records[name]) == (0 if rows is None else 1)
+    if rows is not None:
+        assert store.records[name][0].shape[0] == len(rows)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_captured_maps_are_probabilities(tiny_unet):
