@@ -230,8 +230,8 @@ class CrossAttentionCaptureProcessor:
     Args:
         store: The receiver of the probabilities.
         layer_position: Position of this layer in `store.layer_names`.
-        fallback: Processor for forward passes without rows to capture, usually the one this
-            processor replaces; None uses `AttnProcessor2_0`.
+        fallback: Processor for the rows that are not recorded, usually the one this processor
+            replaces; None uses `AttnProcessor2_0`.
     """
 
     def __init__(self, store: AttentionStore, layer_position: int, fallback: object | None = None) -> None:
