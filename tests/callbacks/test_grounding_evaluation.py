@@ -97,6 +97,59 @@ def test_capture_error_stops_evaluation(error: Exception, reraised: bool, monkey
         assert callback._failed_batches == 1
 
 
+def recording_callback(monkeypatch: pytest.MonkeyPatch, **options: object) -> tuple[GroundingEvaluation, list[list[str]]]:
+    """A callback whose evaluator only records the pair ids of each scored batch."""
+    callback = GroundingEvaluation(shuffled_caption=False, **options)
+    scored: list[list[str]] = []
+
+    def record(unet: object, config: object, encode: object, latents: object, batch: dict, **kwargs: object) -> list:
+        scored.append(list(batch["pair_ids"]))
+        return [[] for _ in batch["pair_ids"]]
+
+    monkeypatch.setattr(callback.evaluator, "evaluate_batch", record)
+    return callback, scored
+
+
+def make_batch(pair_ids: list[str]) -> dict:
+    return {
+        "pair_ids": pair_ids,
+        "phrases": ["left effusion"] * len(pair_ids),
+        "findings": ["Pleural Effusion"] * len(pair_ids),
+        "pixel_values": list(range(len(pair_ids))),
+    }
+
+
+MODULE = SimpleNamespace(encode_images=lambda pixels: pixels, ema_unet=None, noise_scheduler=SimpleNamespace(config={}))
+
+
+@pytest.mark.parametrize(("world_size", "expected"), [(1, [["a", "b"], ["c"]]), (2, [["a", "b"]])])
+def test_max_pairs_budget_per_rank(world_size: int, expected: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    callback, scored = recording_callback(monkeypatch, max_pairs=3)
+    trainer = SimpleNamespace(world_size=world_size, is_global_zero=True)
+    callback._start(trainer)
+
+    for pair_ids in (["a", "b"], ["c", "d"], ["e"]):
+        callback._evaluate(trainer, MODULE, make_batch(pair_ids), with_controls=True)
+
+    # Each rank scores ceil(3 / world_size) pairs.
+    assert scored == expected
+
+
+def test_every_n_validations_skips_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    callback, scored = recording_callback(monkeypatch, every_n_validations=2)
+    trainer = SimpleNamespace(world_size=1, is_global_zero=True, sanity_checking=False, val_dataloaders=None)
+    active = []
+
+    for run in range(5):
+        callback.on_validation_epoch_start(trainer, MODULE)
+        active.append(callback._active)
+        callback.on_validation_batch_end(trainer, MODULE, None, make_batch([f"run{run}"]), 0)
+        callback._active = False
+
+    assert active == [True, False, True, False, True]
+    assert scored == [["run0"], ["run2"], ["run4"]]
+
+
 def test_wandb_logging_pads_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.pytorch.loggers import WandbLogger
     from PIL import Image

@@ -169,3 +169,37 @@ def test_layer_subset_outside_capture_rejected(module: LatentDiffusionModule) ->
         GroundingEvaluator(config, EvaluationSettings(layer_subsets={"bad": [99]})).check_layers(module.ema_unet)
     with pytest.raises(ValueError, match="is empty"):
         EvaluationSettings(layer_subsets={"none": []})
+
+
+def test_multi_threshold_convention_recorded(module: LatentDiffusionModule) -> None:
+    settings = EvaluationSettings(bbm_variants=[], metric_convention="multi_threshold", compare_token_strategies=False)
+    evaluator = GroundingEvaluator(engine_config(), settings)
+    batch = make_batch(["small left pleural effusion"], ["Pleural Effusion"])
+    # Two boxes, so the per-box CNR averages two values.
+    batch["boxes"] = [[(4.0, 8.0, 10.0, 12.0), (18.0, 2.0, 8.0, 8.0)]]
+    batch["gt_masks"][0, 2:10, 18:26] = True
+
+    results = evaluate(module, evaluator, batch, torch.randn(1, 3, SIDE, SIDE))
+
+    records = [item.record for item in results[0]]
+    assert {record["convention"] for record in records} == {"multi_threshold"}
+
+    # The main record against the two formulas applied by hand to its image-size map.
+    main = results[0][0]
+    image_map = main.image_map.astype(np.float64)
+    normalized = (image_map - image_map.min()) / (image_map.max() - image_map.min())
+    gt_mask = batch["gt_masks"][0].numpy()
+    ious = []
+    for threshold in (0.1, 0.2, 0.3, 0.4, 0.5):
+        predicted = normalized > threshold
+        ious.append((predicted & gt_mask).sum() / (predicted | gt_mask).sum())
+    boxes = [np.zeros_like(gt_mask), np.zeros_like(gt_mask)]
+    boxes[0][8:20, 4:14] = True
+    boxes[1][2:10, 18:26] = True
+    outside = ~(boxes[0] | boxes[1])
+    per_box = [
+        abs(image_map[box].mean() - image_map[outside].mean()) / np.sqrt(image_map[box].var() + image_map[outside].var())
+        for box in boxes
+    ]
+    assert main.record["keep_threshold_free/miou"] == pytest.approx(np.mean(ious), abs=1e-6)
+    assert main.record["keep_threshold_free/cnr"] == pytest.approx(np.mean(per_box), abs=1e-5)
