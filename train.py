@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from callbacks.grounding_evaluation import GroundingEvaluation
 from callbacks.wandb_setup import configure_wandb_logger
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
@@ -87,6 +88,10 @@ class GroundingCLI(LightningCLI):
             check_paths = getattr(self.datamodule, "check_paths", None)
             if check_paths is not None:
                 check_paths()
+            # Layer subsets of the grounding evaluation are checked against the U-Net before any work.
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, GroundingEvaluation):
+                    callback.evaluator.check_layers(self.model.ema_unet)
         except (FileNotFoundError, ValueError) as error:
             # A missing data set or model, or a value a constructor rejects, is a setup problem.
             exit_with_configuration_error(error)

@@ -175,7 +175,7 @@ class GroundingEvaluator:
             try:
                 names = resolve_cross_attention_layers(unet, layers)
             except ValueError as error:
-                raise ValueError(f"Layer subset {name!r}: {error}") from error
+                raise ValueError(f"Layer subset {name!r}: {error}") from None
             missing = [layer for layer in names if layer not in captured]
             if missing:
                 raise ValueError(f"Layer subset {name!r} needs layers {missing}, which the 'layers' option does not capture.")
