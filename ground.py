@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> Path:
             f"Checkpoint not found: {options.ckpt_path}; run the demo first (python train.py --config "
             "configs/demo.yaml) or leave out --ckpt_path to use the U-Net of the config."
         )
+    if options.image_size is not None and (options.image_size <= 0 or options.image_size % 8 != 0):
+        raise SystemExit(f"--image_size must be a positive multiple of 8, got {options.image_size}.")
     if not config_arguments:
         raise SystemExit(
             "No config given: add the model's config after the ground.py options, "
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> Path:
     summary = engine.run(latents, hidden_states, uncond_states, None, [pair_seed_from_id(options.phrase)])[0]
     strategy = evaluation.settings.token_strategy
     selection = select_tokens(options.phrase, encoded.offsets[0], encoded.attention_mask[0].tolist(), strategy)
+    if selection.fallback:
+        log.warning("Token strategy %s fell back to all tokens: %s.", strategy.value, selection.fallback)
     main_map = upsample_map(maps.combined_map(summary, list(selection.positions)).cpu().numpy(), (image_size, image_size))
 
     output = Path(options.output)

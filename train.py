@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import set_parsing_settings
@@ -27,6 +28,7 @@ from lightning_modules.latent_diffusion import LatentDiffusionModule
 log = logging.getLogger("train")
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def gradient_accumulation_steps(effective_batch_size: int, per_device_batch_size: int, devices: int, num_nodes: int) -> int:
@@ -84,6 +86,7 @@ class GroundingCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         try:
+            self._check_checkpoint_path()
             super().instantiate_classes()
             check_paths = getattr(self.datamodule, "check_paths", None)
             if check_paths is not None:
@@ -95,6 +98,16 @@ class GroundingCLI(LightningCLI):
         except (FileNotFoundError, ValueError) as error:
             # A missing data set or model, or a value a constructor rejects, is a setup problem.
             exit_with_configuration_error(error)
+
+
+    def _check_checkpoint_path(self) -> None:
+        """Raise when ``--ckpt_path`` names a file that does not exist, before any model is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        path = config.get("ckpt_path")
+        # Lightning also accepts "last", "best", "hpc", registry names and remote URLs in place of a file.
+        named = path in CHECKPOINT_NAMES or str(path).startswith("registry") or "://" in str(path)
+        if path and not named and not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint not found: {path} (set by --ckpt_path).")
 
 
 def default_to_fit(argv: list[str]) -> list[str]:

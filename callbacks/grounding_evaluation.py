@@ -186,7 +186,7 @@ class GroundingEvaluation(Callback):
             self._evaluate(trainer, pl_module, batch, with_controls=False, unet=unet)
         summary = self._finish(trainer, pl_module, "untrained", log_metrics=False)
         if summary:
-            self.summary_rows[UNTRAINED_METHOD] = summary["methods"][MAIN_METHOD]["overall"]
+            self.summary_rows[UNTRAINED_METHOD] = {**summary["methods"][MAIN_METHOD]["overall"], "split": "val", "step": 0}
             self._write_summary(trainer)
 
     @override
@@ -384,10 +384,12 @@ class GroundingEvaluation(Callback):
         if not summary:
             return
         methods = summary["methods"]
-        self.summary_rows["trained"] = methods[MAIN_METHOD]["overall"]
+        # Each row names its split and step, because validate and test update the same file.
+        source = {"split": stage, "step": self._result_step(trainer)}
+        self.summary_rows["trained"] = {**methods[MAIN_METHOD]["overall"], **source}
         for name in (CENTER_PRIOR_METHOD, SHUFFLED_METHOD, IMAGE_BIAS_METHOD):
             if name in methods:
-                self.summary_rows[name] = methods[name]["overall"]
+                self.summary_rows[name] = {**methods[name]["overall"], **source}
         self._write_summary(trainer)
 
     def _result_step(self, trainer: L.Trainer) -> int:

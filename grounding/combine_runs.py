@@ -79,6 +79,10 @@ def combine_runs(directories: list[Path], output: Path) -> Path:
         raise ValueError(f"Result folders {repeated} are given more than once; each run must count once.")
     frames = [read_pairs(directory) for directory in directories]
     convention = shared_convention(directories, frames)
+    # Evaluations name their folders <stage>-step<N> (val, test, untrained).
+    stages = {directory.resolve().name.split("-step")[0] for directory in directories}
+    if len(stages) > 1:
+        log.warning("The runs come from different evaluations (%s); their spread is not a seed spread.", sorted(stages))
 
     shared = set.intersection(*(set(frame["method"]) for frame in frames))
     methods = [method for method in TABLE_METHODS if method in shared]

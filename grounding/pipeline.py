@@ -47,6 +47,15 @@ CENTER_PRIOR_SIGMA = 0.25
 TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, Any]]
 
 
+def _choice(kind: type, value: Any, option: str) -> Any:
+    """Convert ``value`` to the enum ``kind``, naming the option and the allowed values when it fails."""
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = [member.value for member in kind]
+        raise ValueError(f"Invalid {option} {value!r}. Allowed: {allowed}.") from None
+
+
 @dataclass
 class EvaluationSettings:
     """Settings of the grounding evaluation besides the sampling (see `GroundingConfig`).
@@ -76,9 +85,9 @@ class EvaluationSettings:
     layer_subsets: dict[str, list[str | int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.token_strategy = TokenStrategy(self.token_strategy)
-        self.bbm_variants = [BBMVariant(variant) for variant in self.bbm_variants]
-        self.metric_convention = MetricConvention(self.metric_convention)
+        self.token_strategy = _choice(TokenStrategy, self.token_strategy, "token_strategy")
+        self.bbm_variants = [_choice(BBMVariant, variant, "bbm_variants") for variant in self.bbm_variants]
+        self.metric_convention = _choice(MetricConvention, self.metric_convention, "metric_convention")
         for name, layers in self.layer_subsets.items():
             if not name or "/" in name:
                 raise ValueError(f"Layer subset name {name!r} must be non-empty and without '/'.")
@@ -278,6 +287,7 @@ class GroundingEvaluator:
                     item.record["tokens"] = " ".join(str(position) for position in item_selection.positions)
                     item.record["words"] = " ".join(item_selection.words)
                     item.record["tagger"] = item_selection.tagger
+                    item.record["token_fallback"] = item_selection.fallback or ""
             results[row] = scored
         return results
 

@@ -77,3 +77,11 @@ def test_missing_config_named(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit, match="No config given.*-- --config configs/demo.yaml"):
         ground.main(["--image", str(image), "--phrase", "cardiomegaly", "--output", str(tmp_path / "x.png")])
+
+
+def test_invalid_image_size_rejected(tmp_path: Path) -> None:
+    image = tmp_path / "image.png"
+    image.write_bytes(b"not read before the size check")
+
+    with pytest.raises(SystemExit, match="positive multiple of 8, got -5"):
+        ground.main(["--image", str(image), "--phrase", "cardiomegaly", "--output", str(tmp_path / "x.png"), "--image_size", "-5"])

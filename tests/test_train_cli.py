@@ -116,6 +116,8 @@ def test_real_config_stops_with_one_message(tmp_path: Path) -> None:
         (["--config", "configs/demo.yaml", "--model.condition_dropout=1.5"], "condition_dropout must lie in [0, 1]"),
         (["--config", "configs/cxrbert.yaml", "--data.init_args.train_batch_size=12"], "is not a multiple of train_batch_size 12"),
         (["--config", "configs/demo.yaml", "--trainer.callbacks.init_args.layer_subsets={bad: [99]}"], "Layer subset 'bad'"),
+        (["--config", "configs/demo.yaml", "--trainer.callbacks.init_args.token_strategy=nouns"], "Allowed: ['lexical'"),
+        (["--config", "configs/demo.yaml", "--ckpt_path=missing.ckpt"], "Checkpoint not found: missing.ckpt"),
     ],
 )
 def test_invalid_value_stops_with_one_message(

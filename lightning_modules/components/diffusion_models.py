@@ -39,7 +39,8 @@ def _describe_missing(name_or_path: str, subfolder: str, option: str, error: Exc
         f"Could not load {subfolder or 'the model'} from {name_or_path!r} ({type(error).__name__}). "
         f"Set {option} to a local Stable Diffusion 1.5 directory in diffusers layout (with "
         f"{subfolder}/ inside), or to a hub id such as {SD15_HUB_ID!r} on a machine that can reach "
-        "the hub; `huggingface-cli download` saves one for offline use."
+        "the hub; `hf download` (`huggingface-cli download` in older huggingface-hub releases) saves one for "
+        "offline use. The configs read the directory from the SD15_DIR environment variable."
     )
 
 
@@ -48,8 +49,9 @@ def _check_path(name_or_path: str, option: str) -> None:
     if looks_like_path and not Path(name_or_path).expanduser().exists():
         raise MissingWeightsError(
             f"Model directory {name_or_path!r} (set by {option}) not found. Download Stable "
-            f"Diffusion 1.5 in diffusers layout (for example `huggingface-cli download {SD15_HUB_ID} "
-            f"--local-dir {name_or_path}`) or point {option} at an existing copy."
+            f"Diffusion 1.5 in diffusers layout (for example `hf download {SD15_HUB_ID} "
+            f"--local-dir {name_or_path}`) or point {option} at an existing copy (the configs read "
+            "it from the SD15_DIR environment variable)."
         )
 
 

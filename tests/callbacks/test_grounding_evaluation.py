@@ -208,6 +208,8 @@ def test_fit_writes_summary_and_results(tmp_path: Path, tiny_module_kwargs: dict
     for row in SUMMARY_ROWS:
         for name in ("miou", "cnr", "top1", "auc_roc"):
             assert isinstance(summary[row][name], float)
+    assert (summary["trained"]["split"], summary["trained"]["step"]) == ("val", 2)
+    assert (summary["untrained"]["split"], summary["untrained"]["step"]) == ("val", 0)
     results = tmp_path / "run" / "grounding" / "val-step000002"
     for name in ("pairs.csv", "summary.json", "findings.md", "findings_threshold_free.csv", "ablations.json"):
         assert (results / name).is_file()

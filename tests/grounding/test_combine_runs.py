@@ -105,3 +105,12 @@ def test_partial_methods_and_pairs_warned(tmp_path: Path, caplog: pytest.LogCapt
     assert "['bbm/bezier'] are missing from some runs" in caplog.text
     assert "different pairs (3 / 2 pairs)" in caplog.text
     assert "bbm/bezier" not in (tmp_path / "combined" / "findings.md").read_text()
+
+
+def test_different_stages_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runs = [write_run(tmp_path / "a" / "val-step000100", 0.5), write_run(tmp_path / "b" / "untrained-step000000", 0.2)]
+
+    with caplog.at_level("WARNING", logger="grounding.combine_runs"):
+        combine_runs(runs, tmp_path / "combined")
+
+    assert "different evaluations (['untrained', 'val'])" in caplog.text

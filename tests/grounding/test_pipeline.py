@@ -89,6 +89,8 @@ def test_unknown_finding_is_scored(module: LatentDiffusionModule) -> None:
     # Words repeat once per subword token, because disease filtering keeps all of them.
     assert set(disease["pair-0"]["words"].split()) == {"nodule"}
     assert set(disease["pair-1"]["words"].split()) == {"left", "lung", "opacity"}
+    assert disease["pair-1"]["token_fallback"] == "finding 'Unlisted Finding' has no disease keywords"
+    assert disease["pair-0"]["token_fallback"] == ""
 
 
 def test_non_finite_pair_keeps_bbm_methods(module: LatentDiffusionModule) -> None:
