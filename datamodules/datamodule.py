@@ -256,6 +256,8 @@ class CXRDataModule(L.LightningDataModule):
         self.grounding_datasets: dict[str, GroundingDataset] = {}
         self.failed_samples: Counter = Counter()
         self.failed_examples: list[tuple[str, str]] = []
+        self._warned_unused_paths = False
+        self._pair_list_logged = False
 
     @property
     def train_batch_size(self) -> int:
@@ -296,7 +298,7 @@ class CXRDataModule(L.LightningDataModule):
 
     def _warn_unused_real_paths(self) -> None:
         """Warn once when ``demo`` is on but real data paths were changed from their defaults."""
-        if getattr(self, "_warned_unused_paths", False):
+        if self._warned_unused_paths:
             return
         self._warned_unused_paths = True
 
@@ -387,7 +389,7 @@ class CXRDataModule(L.LightningDataModule):
         cached = load_pair_list(path)
         if cached is not None:
             # prepare_data and setup both read the list, so the second read logs at DEBUG level.
-            level = logging.DEBUG if getattr(self, "_pair_list_logged", False) else logging.INFO
+            level = logging.DEBUG if self._pair_list_logged else logging.INFO
             logger.log(level, "Using the cached training pair list %s (%d pairs).", path, len(cached[0]))
             self._pair_list_logged = True
             return cached

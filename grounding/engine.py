@@ -35,6 +35,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, unique
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +45,21 @@ from grounding.capture import capture_cross_attention, resolve_cross_attention_l
 from grounding.maps import AttentionSummary, CaptureBlock, CapturePass, StreamingAttentionAccumulator
 
 logger = logging.getLogger(__name__)
+
+EnumType = TypeVar("EnumType", bound=Enum)
+
+
+def parse_choice(kind: type[EnumType], value: Any, option: str) -> EnumType:
+    """Convert ``value`` to a member of the enum ``kind``.
+
+    Raises:
+        ValueError: If no member has that value. The message names the option and the allowed values.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = [member.value for member in kind]
+        raise ValueError(f"Invalid {option} {value!r}. Allowed: {allowed}.") from None
 
 
 @unique
@@ -95,11 +111,7 @@ class GroundingConfig:
     bimodal_bias_merging: bool = False
 
     def __post_init__(self) -> None:
-        try:
-            self.mode = SamplingMode(self.mode)
-        except ValueError:
-            allowed = [mode.value for mode in SamplingMode]
-            raise ValueError(f"Invalid sampling mode {self.mode!r}. Allowed: {allowed}.") from None
+        self.mode = parse_choice(SamplingMode, self.mode, "sampling mode")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}.")
         for window in [self.timestep_window, *self.extra_timestep_windows]:

@@ -29,7 +29,7 @@ import torch
 from grounding import maps
 from grounding.bbm import BBMVariant, bimodal_bias_merge
 from grounding.capture import resolve_cross_attention_layers
-from grounding.engine import GroundingConfig, GroundingEngine, pair_seed_from_id
+from grounding.engine import GroundingConfig, GroundingEngine, pair_seed_from_id, parse_choice
 from grounding.masks import MapFlag, gmm_mask, upsample_map, upsample_mask
 from grounding.metrics import MetricConvention, score_pair
 from grounding.tokens import TokenSelection, TokenStrategy, select_all_strategies, select_tokens
@@ -45,15 +45,6 @@ IMAGE_BIAS_METHOD = "image_bias"
 CENTER_PRIOR_SIGMA = 0.25
 
 TextEncodeFn = Callable[[list[str]], tuple[torch.Tensor, Any]]
-
-
-def _choice(kind: type, value: Any, option: str) -> Any:
-    """Convert ``value`` to the enum ``kind``, naming the option and the allowed values when it fails."""
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = [member.value for member in kind]
-        raise ValueError(f"Invalid {option} {value!r}. Allowed: {allowed}.") from None
 
 
 @dataclass
@@ -85,9 +76,9 @@ class EvaluationSettings:
     layer_subsets: dict[str, list[str | int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.token_strategy = _choice(TokenStrategy, self.token_strategy, "token_strategy")
-        self.bbm_variants = [_choice(BBMVariant, variant, "bbm_variants") for variant in self.bbm_variants]
-        self.metric_convention = _choice(MetricConvention, self.metric_convention, "metric_convention")
+        self.token_strategy = parse_choice(TokenStrategy, self.token_strategy, "token_strategy")
+        self.bbm_variants = [parse_choice(BBMVariant, variant, "bbm_variants") for variant in self.bbm_variants]
+        self.metric_convention = parse_choice(MetricConvention, self.metric_convention, "metric_convention")
         for name, layers in self.layer_subsets.items():
             if not name or "/" in name:
                 raise ValueError(f"Layer subset name {name!r} must be non-empty and without '/'.")

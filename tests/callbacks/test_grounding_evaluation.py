@@ -77,26 +77,6 @@ def test_invalid_options_rejected() -> None:
         GroundingEvaluation(mode="ddpm")
 
 
-@pytest.mark.parametrize(("error", "reraised"), [(CaptureError("layer lost"), True), (RuntimeError("out of memory"), False)])
-def test_capture_error_stops_evaluation(error: Exception, reraised: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    callback = GroundingEvaluation(shuffled_caption=False)
-    callback._phrase_pool = []
-
-    def fail(*args: object, **kwargs: object) -> None:
-        raise error
-
-    monkeypatch.setattr(callback.evaluator, "evaluate_batch", fail)
-    module = SimpleNamespace(encode_images=lambda pixels: pixels, ema_unet=None, noise_scheduler=SimpleNamespace(config={}))
-    batch = {"pair_ids": ["a"], "phrases": ["left effusion"], "findings": ["Pleural Effusion"], "pixel_values": None}
-
-    if reraised:
-        with pytest.raises(CaptureError):
-            callback._evaluate(SimpleNamespace(world_size=1), module, batch, with_controls=True)
-    else:
-        callback._evaluate(SimpleNamespace(world_size=1), module, batch, with_controls=True)
-        assert callback._failed_batches == 1
-
-
 def recording_callback(monkeypatch: pytest.MonkeyPatch, **options: object) -> tuple[GroundingEvaluation, list[list[str]]]:
     """A callback whose evaluator only records the pair ids of each scored batch."""
     callback = GroundingEvaluation(shuffled_caption=False, **options)
@@ -111,6 +91,7 @@ def recording_callback(monkeypatch: pytest.MonkeyPatch, **options: object) -> tu
 
 
 def make_batch(pair_ids: list[str]) -> dict:
+    """Build a grounding batch of the given pairs; the stand-in module passes its pixels through."""
     return {
         "pair_ids": pair_ids,
         "phrases": ["left effusion"] * len(pair_ids),
@@ -119,7 +100,27 @@ def make_batch(pair_ids: list[str]) -> dict:
     }
 
 
+# A stand-in for the LightningModule, enough for `_evaluate` when the evaluator is replaced.
 MODULE = SimpleNamespace(encode_images=lambda pixels: pixels, ema_unet=None, noise_scheduler=SimpleNamespace(config={}))
+
+
+@pytest.mark.parametrize(("error", "reraised"), [(CaptureError("layer lost"), True), (RuntimeError("out of memory"), False)])
+def test_capture_error_stops_evaluation(error: Exception, reraised: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    callback = GroundingEvaluation(shuffled_caption=False)
+    callback._phrase_pool = []
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(callback.evaluator, "evaluate_batch", fail)
+    batch = make_batch(["a"])
+
+    if reraised:
+        with pytest.raises(CaptureError):
+            callback._evaluate(SimpleNamespace(world_size=1), MODULE, batch, with_controls=True)
+    else:
+        callback._evaluate(SimpleNamespace(world_size=1), MODULE, batch, with_controls=True)
+        assert callback._failed_batches == 1
 
 
 @pytest.mark.parametrize(("world_size", "expected"), [(1, [["a", "b"], ["c"]]), (2, [["a", "b"]])])

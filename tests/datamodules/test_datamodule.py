@@ -205,7 +205,8 @@ def test_demo_warns_once_about_ignored_real_paths(tmp_path: Path, caplog: pytest
 
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1
-    assert "mine.csv" in warnings[0] and "demo=false" in warnings[0]
+    assert "mine.csv" in warnings[0]
+    assert "demo=false" in warnings[0]
 
 
 def test_demo_with_default_paths_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

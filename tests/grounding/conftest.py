@@ -46,6 +46,19 @@ def tiny_unet() -> UNet2DConditionModel:
     return build_tiny_unet()
 
 
+@pytest.fixture(scope="module")
+def sd15_layout_unet() -> UNet2DConditionModel:
+    """The Stable Diffusion 1.5 block layout (16 attn2 layers) with narrow channels."""
+    return build_tiny_unet(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_unet_factory() -> Callable[..., UNet2DConditionModel]:
     """`build_tiny_unet`, for tests that need another seed or config (test modules cannot

@@ -288,17 +288,8 @@ def test_capture_with_key_mask_matches_default(tiny_unet):
         assert records[0][..., 6:].max().item() < 1e-6
 
 
-def test_sd15_layout_has_sixteen_layers(tiny_unet_factory):
-    # The Stable Diffusion 1.5 block layout with narrow channels.
-    unet = tiny_unet_factory(
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
-    sections = [name.split(".")[0] for name in list_cross_attention_layers(unet)]
+def test_sd15_layout_has_sixteen_layers(sd15_layout_unet):
+    sections = [name.split(".")[0] for name in list_cross_attention_layers(sd15_layout_unet)]
 
     assert sections.count("down_blocks") == 6
     assert sections.count("mid_block") == 1

@@ -238,19 +238,11 @@ def test_numpy_token_positions_accepted(summary):
     assert torch.equal(combined_map(summary, numpy_tokens), combined_map(summary, [1, 2]))
 
 
-def test_sd15_layers_grouped_by_resolution(tiny_unet_factory, scheduler_config):
+def test_sd15_layers_grouped_by_resolution(sd15_layout_unet, scheduler_config):
     from grounding.engine import GroundingConfig, GroundingEngine
 
-    # The Stable Diffusion 1.5 block layout with narrow channels, at a 16x16 latent.
-    unet = tiny_unet_factory(
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
-    engine = GroundingEngine(unet, scheduler_config, GroundingConfig(num_inference_steps=2, timestep_window=1))
+    # At a 16x16 latent the four levels are 16, 8, 4 and 2 pixels wide.
+    engine = GroundingEngine(sd15_layout_unet, scheduler_config, GroundingConfig(num_inference_steps=2, timestep_window=1))
     summary = engine.run(torch.zeros(1, 4, 16, 16), torch.randn(1, 12, 16), None, None, [0])[0]
 
     groups = layers_by_resolution(summary)

@@ -107,20 +107,20 @@ def test_score_pair_gmm_convention() -> None:
     mask = activation_map > 0.5
 
     scores = score_pair(activation_map, gt_mask, mask)
-    kept = scores.keep_threshold_free
+    threshold_free = scores.keep_threshold_free
 
-    assert kept.convention is MetricConvention.GMM_MIOU
-    assert kept.empty_mask_policy is EmptyMaskPolicy.KEEP_THRESHOLD_FREE
+    assert threshold_free.convention is MetricConvention.GMM_MIOU
+    assert threshold_free.empty_mask_policy is EmptyMaskPolicy.KEEP_THRESHOLD_FREE
     # Foreground 4/5; background: 11 pixels of both, 12 of either.
-    assert kept.miou == pytest.approx((4 / 5 + 11 / 12) / 2)
-    assert kept.top1 == 1.0
+    assert threshold_free.miou == pytest.approx((4 / 5 + 11 / 12) / 2)
+    assert threshold_free.top1 == 1.0
     # Of 48 (positive, negative) pairs only 0.6 < 0.7 is ordered wrongly.
-    assert kept.auc_roc == pytest.approx(47 / 48)
-    assert kept.cnr == pytest.approx(contrast_to_noise(activation_map, gt_mask, ~gt_mask))
-    assert kept.cnr_signed == kept.cnr
-    assert kept.issues == ()
-    assert not kept.mask_empty
-    assert scores.zero_all.values() == kept.values()
+    assert threshold_free.auc_roc == pytest.approx(47 / 48)
+    assert threshold_free.cnr == pytest.approx(contrast_to_noise(activation_map, gt_mask, ~gt_mask))
+    assert threshold_free.cnr_signed == threshold_free.cnr
+    assert threshold_free.issues == ()
+    assert not threshold_free.mask_empty
+    assert scores.zero_all.values() == threshold_free.values()
     assert scores.zero_all.empty_mask_policy is EmptyMaskPolicy.ZERO_ALL
 
 
@@ -133,15 +133,15 @@ def test_score_pair_empty_mask_policies() -> None:
     scores = score_pair(activation_map, gt_mask, np.zeros((4, 4), bool))
 
     assert scores.zero_all.values() == {"miou": 0.0, "cnr": 0.0, "cnr_signed": 0.0, "top1": 0.0, "auc_roc": 0.0}
-    kept = scores.keep_threshold_free
-    assert kept.mask_empty
-    assert "mask_empty" in kept.issues
+    threshold_free = scores.keep_threshold_free
+    assert threshold_free.mask_empty
+    assert "mask_empty" in threshold_free.issues
     # Foreground IoU 0; background IoU 12/16.
-    assert kept.miou == pytest.approx(12 / 16 / 2)
-    assert kept.top1 == 1.0
+    assert threshold_free.miou == pytest.approx(12 / 16 / 2)
+    assert threshold_free.top1 == 1.0
     # Positive 1.0 beats all 12 negatives; each positive 0 ties 11 zeros and loses to 0.5.
-    assert kept.auc_roc == pytest.approx((12 + 3 * 11 * 0.5) / 48)
-    assert kept.cnr > 0
+    assert threshold_free.auc_roc == pytest.approx((12 + 3 * 11 * 0.5) / 48)
+    assert threshold_free.cnr > 0
 
 
 def test_score_pair_signed_cnr_negative() -> None:
@@ -150,34 +150,34 @@ def test_score_pair_signed_cnr_negative() -> None:
     activation_map[:2, :2] = [[0.0, 0.2], [0.1, 0.3]]
     mask = activation_map < 0.5
 
-    kept = score_pair(activation_map, gt_mask, mask).keep_threshold_free
+    threshold_free = score_pair(activation_map, gt_mask, mask).keep_threshold_free
 
-    assert kept.cnr_signed < 0
-    assert kept.cnr == pytest.approx(-kept.cnr_signed)
-    assert kept.top1 == 0.0
-    assert kept.auc_roc == 0.0
+    assert threshold_free.cnr_signed < 0
+    assert threshold_free.cnr == pytest.approx(-threshold_free.cnr_signed)
+    assert threshold_free.top1 == 0.0
+    assert threshold_free.auc_roc == 0.0
 
 
 def test_score_pair_constant_map_counted() -> None:
     gt_mask = _top_left_gt()
 
-    kept = score_pair(np.zeros((4, 4)), gt_mask, np.zeros((4, 4), bool)).keep_threshold_free
+    threshold_free = score_pair(np.zeros((4, 4)), gt_mask, np.zeros((4, 4), bool)).keep_threshold_free
 
-    assert math.isnan(kept.top1)
-    assert math.isnan(kept.cnr)
-    assert kept.auc_roc == 0.5
-    assert "constant_map" in kept.issues
-    assert "cnr_undefined" in kept.issues
+    assert math.isnan(threshold_free.top1)
+    assert math.isnan(threshold_free.cnr)
+    assert threshold_free.auc_roc == 0.5
+    assert "constant_map" in threshold_free.issues
+    assert "cnr_undefined" in threshold_free.issues
 
 
 def test_score_pair_full_gt_auc_nan() -> None:
     full = np.ones((4, 4), bool)
 
-    kept = score_pair(np.eye(4), full, full).keep_threshold_free
+    threshold_free = score_pair(np.eye(4), full, full).keep_threshold_free
 
-    assert math.isnan(kept.auc_roc)
-    assert "auc_single_class" in kept.issues
-    assert kept.miou == 1.0
+    assert math.isnan(threshold_free.auc_roc)
+    assert "auc_single_class" in threshold_free.issues
+    assert threshold_free.miou == 1.0
 
 
 def _corner_map() -> np.ndarray:
@@ -194,22 +194,22 @@ def test_empty_gt_nonempty_mask_gmm() -> None:
 
     scores = score_pair(_corner_map(), empty_gt, mask)
 
-    kept = scores.keep_threshold_free
+    threshold_free = scores.keep_threshold_free
     # Foreground IoU 0 / 2, and background IoU 14 / 16 (the unmasked pixels of the image).
-    assert kept.miou == pytest.approx((0.0 + 14 / 16) / 2)
-    assert kept.top1 == 0.0
-    assert math.isnan(kept.auc_roc)
-    assert math.isnan(kept.cnr)
-    assert math.isnan(kept.cnr_signed)
-    assert not kept.mask_empty
-    assert kept.issues == ("empty_gt", "auc_single_class", "cnr_undefined")
+    assert threshold_free.miou == pytest.approx((0.0 + 14 / 16) / 2)
+    assert threshold_free.top1 == 0.0
+    assert math.isnan(threshold_free.auc_roc)
+    assert math.isnan(threshold_free.cnr)
+    assert math.isnan(threshold_free.cnr_signed)
+    assert not threshold_free.mask_empty
+    assert threshold_free.issues == ("empty_gt", "auc_single_class", "cnr_undefined")
     # A mask with pixels is not zeroed, so the reference policy keeps the NaNs.
     zeroed = scores.zero_all
-    assert zeroed.miou == kept.miou
+    assert zeroed.miou == threshold_free.miou
     assert zeroed.top1 == 0.0
     assert math.isnan(zeroed.auc_roc)
     assert math.isnan(zeroed.cnr)
-    assert zeroed.issues == kept.issues
+    assert zeroed.issues == threshold_free.issues
 
 
 def test_empty_gt_empty_mask_gmm() -> None:
@@ -217,23 +217,23 @@ def test_empty_gt_empty_mask_gmm() -> None:
 
     scores = score_pair(_corner_map(), empty_gt, np.zeros((4, 4), bool))
 
-    kept = scores.keep_threshold_free
+    threshold_free = scores.keep_threshold_free
     # Both foregrounds empty (0/0 counts 1.0) and both backgrounds the whole image.
-    assert kept.miou == 1.0
-    assert kept.top1 == 0.0
-    assert math.isnan(kept.auc_roc)
-    assert math.isnan(kept.cnr)
-    assert kept.mask_empty
-    assert kept.issues == ("empty_gt", "auc_single_class", "cnr_undefined", "mask_empty")
+    assert threshold_free.miou == 1.0
+    assert threshold_free.top1 == 0.0
+    assert math.isnan(threshold_free.auc_roc)
+    assert math.isnan(threshold_free.cnr)
+    assert threshold_free.mask_empty
+    assert threshold_free.issues == ("empty_gt", "auc_single_class", "cnr_undefined", "mask_empty")
     assert scores.zero_all.values() == {"miou": 0.0, "cnr": 0.0, "cnr_signed": 0.0, "top1": 0.0, "auc_roc": 0.0}
-    assert scores.zero_all.issues == kept.issues
+    assert scores.zero_all.issues == threshold_free.issues
 
 
 def test_empty_gt_constant_map_top1_zero() -> None:
-    kept = score_pair(np.ones((4, 4)), np.zeros((4, 4), bool), np.zeros((4, 4), bool)).keep_threshold_free
+    threshold_free = score_pair(np.ones((4, 4)), np.zeros((4, 4), bool), np.zeros((4, 4), bool)).keep_threshold_free
 
-    assert kept.top1 == 0.0
-    assert kept.issues == ("empty_gt", "constant_map", "auc_single_class", "cnr_undefined", "mask_empty")
+    assert threshold_free.top1 == 0.0
+    assert threshold_free.issues == ("empty_gt", "constant_map", "auc_single_class", "cnr_undefined", "mask_empty")
 
 
 def test_empty_gt_multi_threshold() -> None:
@@ -244,14 +244,14 @@ def test_empty_gt_multi_threshold() -> None:
     scores = score_pair(_corner_map(), empty_gt, convention="multi_threshold", box_masks=outside_box)
     constant = score_pair(np.full((4, 4), 0.3), empty_gt, convention="multi_threshold").keep_threshold_free
 
-    kept = scores.keep_threshold_free
+    threshold_free = scores.keep_threshold_free
     # The min-max map reaches 1.0 at (0, 0), above every threshold, so each IoU is 0 / n.
-    assert kept.miou == 0.0
-    assert kept.top1 == 0.0
-    assert math.isnan(kept.auc_roc)
-    assert math.isnan(kept.cnr)
-    assert math.isnan(kept.cnr_signed)
-    assert kept.issues == ("empty_gt", "auc_single_class", "cnr_undefined")
+    assert threshold_free.miou == 0.0
+    assert threshold_free.top1 == 0.0
+    assert math.isnan(threshold_free.auc_roc)
+    assert math.isnan(threshold_free.cnr)
+    assert math.isnan(threshold_free.cnr_signed)
+    assert threshold_free.issues == ("empty_gt", "auc_single_class", "cnr_undefined")
     assert scores.zero_all.miou == 0.0
     assert math.isnan(scores.zero_all.auc_roc)
     # A constant map has no pixel above any threshold, so every IoU is 0/0 = 1.0.
@@ -263,10 +263,10 @@ def test_empty_gt_multi_threshold() -> None:
 def test_empty_gt_nan_map_flagged() -> None:
     activation_map = np.full((4, 4), np.nan)
 
-    kept = score_pair(activation_map, np.zeros((4, 4), bool), np.zeros((4, 4), bool)).keep_threshold_free
+    threshold_free = score_pair(activation_map, np.zeros((4, 4), bool), np.zeros((4, 4), bool)).keep_threshold_free
 
-    assert kept.issues == ("empty_gt", "non_finite_map")
-    assert math.isnan(kept.top1)
+    assert threshold_free.issues == ("empty_gt", "non_finite_map")
+    assert math.isnan(threshold_free.top1)
 
 
 def test_empty_gt_record_issues() -> None:
@@ -313,14 +313,14 @@ def test_multi_threshold_cnr_abs_per_box() -> None:
     gt_boxes = rasterize_boxes([(0, 0, 1, 2), (1, 0, 1, 2)], (2, 4))
     activation_map = np.array([[1.0, 0.0, 0.5, 0.4], [0.8, 0.1, 0.6, 0.5]])
 
-    kept = score_pair(activation_map, gt_boxes.any(axis=0), convention="multi_threshold", box_masks=gt_boxes)
-    kept = kept.keep_threshold_free
+    threshold_free = score_pair(activation_map, gt_boxes.any(axis=0), convention="multi_threshold", box_masks=gt_boxes)
+    threshold_free = threshold_free.keep_threshold_free
 
     outside = ~gt_boxes.any(axis=0)
     box_values = [contrast_to_noise(activation_map, box, outside) for box in gt_boxes]
     assert box_values[0] > 0 > box_values[1]
-    assert kept.cnr_signed == pytest.approx(np.mean(box_values))
-    assert kept.cnr == pytest.approx(np.mean(np.abs(box_values)))
+    assert threshold_free.cnr_signed == pytest.approx(np.mean(box_values))
+    assert threshold_free.cnr == pytest.approx(np.mean(np.abs(box_values)))
 
 
 def test_rasterize_boxes_pixel_centres() -> None:

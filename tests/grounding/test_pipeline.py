@@ -16,19 +16,10 @@ from lightning_modules.latent_diffusion import LatentDiffusionModule
 SIDE = 32
 
 
-@pytest.fixture(scope="module")
-def module(tiny_bert_dir: Any) -> LatentDiffusionModule:
-    from tests.helpers.models import tiny_unet_config
-
+@pytest.fixture
+def module(tiny_module_kwargs: dict[str, Any]) -> LatentDiffusionModule:
     torch.manual_seed(0)
-    return LatentDiffusionModule(
-        unet_config=tiny_unet_config(),
-        latent="identity",
-        text_encoder_name_or_path=str(tiny_bert_dir),
-        text_encoder_type="auto",
-        text_encoder_revision=None,
-        ema_warmup=False,
-    ).eval()
+    return LatentDiffusionModule(**tiny_module_kwargs).eval()
 
 
 def make_batch(phrases: list[str], findings: list[str]) -> dict[str, Any]:
